@@ -1,0 +1,41 @@
+# Two entry points, each setting everything up first:
+#   make zoo    compile every spec in specs/ and verify it against torchvision (the main job)
+#   make test   run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup zoo test generate check lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[torch,onnxruntime,dev]'
+	@command -v dot >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get update -qq && apt-get install -y -qq graphviz >/dev/null) ; } || \
+		echo "note: Graphviz 'dot' is not installed; dnc graph --format svg|png will say so (apt-get install graphviz)"
+	touch $@
+
+zoo: setup
+	$(BIN)/dnc validate specs/*.yaml
+	$(BIN)/dnc compile --check
+	$(BIN)/dnc verify specs/*.yaml
+
+test: setup
+	$(BIN)/python -m pytest
+
+generate: setup
+	$(BIN)/dnc compile specs/*.yaml --target torch
+
+lint: setup
+	$(BIN)/ruff check dnc tests benchmarks generated
+	$(BIN)/ruff format --check dnc tests benchmarks generated
+
+bench: setup
+	$(BIN)/python benchmarks/summary_speed.py
+
+clean:
+	rm -rf $(VENV) build .pytest_cache

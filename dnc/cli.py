@@ -1,0 +1,141 @@
+"""The `dnc` command line. Every DncError becomes one line on stderr and exit 2.
+
+Heavy imports (torch, onnx, rich) happen inside the commands that need them, so
+that `dnc validate` and `dnc summary` stay fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from dnc.errors import DncError
+from dnc.pipeline import build  # every command loads specs: networkx, pydantic, ruamel
+
+EXIT_ERROR = 2
+
+spec_args = click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+spec_arg = click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
+set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="PATH=VALUE",
+    help="Override a spec field, e.g. --set growth_rate=48 --set blocks.2.layers=32 (repeatable).",
+)
+
+
+def report_errors(command):
+    """Turn DncError into `file:line:col: error: message` and exit 2; never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except DncError as err:
+            fail(err)
+        except KeyboardInterrupt:
+            sys.exit(130)
+        except Exception as err:  # a bug in dnc: one line, the traceback on request
+            if os.environ.get("DNC_DEBUG"):
+                raise
+            click.echo(f"dnc: internal error: {type(err).__name__}: {err} (set DNC_DEBUG=1 for a traceback)", err=True)
+            sys.exit(3)
+
+    return wrapper
+
+
+def error_line(err: DncError) -> str:
+    return f"{err.location}: error: {err.message}" if err.location else f"dnc: error: {err.message}"
+
+
+def fail(err: DncError) -> None:
+    click.echo(error_line(err), err=True)
+    sys.exit(EXIT_ERROR)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="dnc")
+def main():
+    """dnc: compile declarative DenseNet specs to PyTorch and ONNX."""
+    # NOTE: the imports above are long-lived; without this, each GC pass rescans them
+    # while the IR is built, which costs more than building it.
+    gc.freeze()
+
+
+@main.command()
+@spec_args
+@set_option
+@report_errors
+def validate(specs, overrides):
+    """Check specs: load, validate and infer every shape. Exit 0 if all are valid, 2 if not."""
+    failed = 0
+    for path in specs:
+        try:
+            spec, _ = build(path, overrides)
+        except DncError as err:
+            click.echo(error_line(err), err=True)
+            failed += 1
+        else:
+            click.echo(f"{path}: ok ({spec.name})")
+    sys.exit(EXIT_ERROR if failed else 0)
+
+
+@main.command()
+@spec_arg
+@set_option
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@report_errors
+def summary(spec, overrides, fmt):
+    """Per-stage output shape, channels, parameters and MACs, with totals."""
+    from dnc.pipeline import build
+    from dnc.summary import summarize
+
+    _, graph = build(spec, overrides)
+    result = summarize(graph)
+    if fmt == "json":
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    from dnc.render import summary_table
+
+    summary_table(result)
+
+
+@main.command()
+@spec_arg
+@set_option
+@click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
+@report_errors
+def resolve(spec, overrides, fmt):
+    """Print the fully resolved spec: extends merged, overrides applied, defaults written out."""
+    from dnc.loader import load_spec, resolved_data
+
+    data = resolved_data(load_spec(spec, overrides))
+    if fmt == "json":
+        click.echo(json.dumps(data, indent=2))
+        return
+    from ruamel.yaml import YAML
+
+    yaml = YAML(typ="safe", pure=True)
+    yaml.default_flow_style = None
+    yaml.sort_base_mapping_type_on_output = False
+    yaml.dump(data, sys.stdout)
+
+
+@main.command()
+@report_errors
+def schema():
+    """Print the JSON Schema of the spec format (for editors)."""
+    from dnc.schema import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

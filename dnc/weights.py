@@ -1,0 +1,121 @@
+"""Weights: read torchvision-format checkpoints, check them against the IR, or make seeded ones.
+
+Arrays are numpy here, so that `.safetensors` files and seeded weights need no torch.
+`.pth`/`.pt` files are read with `torch.load(..., weights_only=True)` only: a
+checkpoint is data, never code to unpickle.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from dnc.errors import Location, WeightsError
+
+# torchvision's old DenseNet checkpoints name `norm.1` what it now names `norm1`;
+# torchvision rewrites keys with this same pattern when it loads them.
+_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_WRAPPERS = ("state_dict", "model", "model_state_dict")
+
+
+def upgrade_key(key: str) -> str:
+    """`features.denseblock1.denselayer1.norm.1.weight` -> `...denselayer1.norm1.weight`."""
+    match = _OLD_KEY.match(key)
+    return match.group(1) + match.group(2) if match else key
+
+
+def read_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
+    """A state dict from `.safetensors` or `.pth`/`.pt`, keys upgraded to the current format.
+
+    Accepts a bare state dict or one wrapped under `state_dict`/`model`, and strips
+    the `module.` prefix that DataParallel adds.
+    """
+    path = Path(path)
+    where = Location(str(path))
+    if not path.is_file():
+        raise WeightsError("no such checkpoint file", where)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            raw = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise WeightsError(f"not a readable safetensors file: {err}", where) from None
+    elif path.suffix in (".pth", ".pt", ".bin"):
+        raw = _read_torch(path, where)
+    else:
+        raise WeightsError(f"unknown checkpoint format '{path.suffix}': expected .safetensors, .pth or .pt", where)
+    out = {}
+    for key, value in raw.items():
+        key = upgrade_key(key.removeprefix("module."))
+        out[key] = value
+    return out
+
+
+def _read_torch(path: Path, where: Location) -> dict[str, np.ndarray]:
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise WeightsError(f"not a weights-only torch checkpoint: {first}", where) from None
+    for wrapper in _WRAPPERS:
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError("expected a state dict (a mapping of names to tensors)", where)
+    return {k: v.detach().cpu().numpy() for k, v in obj.items()}
+
+
+def check_state(state: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]], source: str) -> None:
+    """Raise WeightsError unless `state` has exactly the expected keys and shapes."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (first: {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
+    if wrong:
+        k = wrong[0]
+        problems.append(
+            f"{len(wrong)} of another shape (first: {k} is {tuple(state[k].shape)}, expected {expected[k]})"
+        )
+    if problems:
+        raise WeightsError("checkpoint does not fit the network: " + "; ".join(problems), Location(source))
+
+
+def seeded_state(expected: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
+    """Deterministic random weights for every key, BN running statistics randomised too.
+
+    Each tensor draws from its own generator, seeded by (seed, key), so a tensor's
+    values do not depend on which other tensors the network has. Scales keep
+    activations of a deep DenseNet finite: He-normal convs, BN gamma near 1,
+    running variance in [0.5, 1.5].
+    """
+    out = {}
+    for key, shape in expected.items():
+        rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf == "num_batches_tracked":
+            out[key] = np.array(rng.integers(0, 1000), dtype=np.int64)
+        elif leaf == "running_var":
+            out[key] = rng.uniform(0.5, 1.5, shape).astype(np.float32)
+        elif leaf == "running_mean":
+            out[key] = rng.normal(0.0, 0.1, shape).astype(np.float32)
+        elif leaf == "weight" and len(shape) == 1:  # BN gamma
+            out[key] = rng.uniform(0.8, 1.2, shape).astype(np.float32)
+        elif leaf == "bias":
+            out[key] = rng.normal(0.0, 0.05, shape).astype(np.float32)
+        else:  # conv or linear weight
+            fan_in = int(np.prod(shape[1:]))
+            out[key] = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+    return out
