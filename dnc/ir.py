@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import networkx as nx
 
@@ -20,7 +20,7 @@ from dnc.errors import Location
 Shape = tuple[int, ...]  # per-sample: (C, H, W) for feature maps, (F,) after flatten
 
 
-class OpKind(str, Enum):
+class OpKind(StrEnum):
     INPUT = "input"
     CONV = "conv"
     BATCHNORM = "batchnorm"

@@ -222,7 +222,10 @@ def _apply_override(doc: Document, text: str) -> None:
         else:
             raise SpecError(f"cannot set '{text.partition('=')[0]}': nothing at '{here}'", where)
     last = path[-1]
-    if isinstance(target, dict) and isinstance(last, str) or isinstance(target, list) and isinstance(last, int) and last < len(target):
+    settable = (isinstance(target, dict) and isinstance(last, str)) or (
+        isinstance(target, list) and isinstance(last, int) and last < len(target)
+    )
+    if settable:
         target[last] = value
     else:
         raise SpecError(f"cannot set '{text.partition('=')[0]}': no such field", where)
