@@ -88,6 +88,7 @@ def resolved_data(spec: Spec) -> dict[str, Any]:
     """
     data = spec.model_dump(mode="json")
     data["blocks"] = [b.model_dump(mode="json") for b in spec.resolved_blocks()]
+    del data["blocks"][-1]["compression"]  # no transition follows the last block
     return data
 
 
