@@ -108,9 +108,7 @@ def _read_yaml(path: FsPath) -> Document:
         root = yaml.load(text)
     except MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
-        problem = (err.problem or err.context or "invalid YAML").strip()
-        if "duplicate key" in str(err):
-            problem = "duplicate key " + str(err).split("found duplicate key", 1)[-1].split("\n")[0].strip()
+        problem = (err.problem or err.context or "invalid YAML").strip().removeprefix("found ")
         loc = Location(str(path), mark.line + 1, mark.column + 1) if mark else Location(str(path))
         raise SpecError(problem, loc) from None
     if not isinstance(root, CommentedMap):
