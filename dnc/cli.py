@@ -137,5 +137,31 @@ def schema():
     click.echo(json.dumps(json_schema(), indent=2))
 
 
+@main.command()
+@click.argument("a")
+@click.argument("b")
+@set_option
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]), default="text", show_default=True)
+@report_errors
+def diff(a, b, overrides, fmt):
+    """Compare the networks two specs build. A and B are spec files or REV:path (git).
+
+    Specs that resolve to the same network (other key order, defaults written out,
+    another `extends`) are the same. --set applies to B. Exit 0 same network, 1 different, 2 error.
+    """
+    from dnc.diff import compare, load_side, to_json, to_markdown
+
+    result = compare(load_side(a), load_side(b, overrides))
+    if fmt == "json":
+        click.echo(json.dumps(to_json(result), indent=2))
+    elif fmt == "markdown":
+        click.echo(to_markdown(result))
+    else:
+        from dnc.render import diff_text
+
+        diff_text(result)
+    sys.exit(0 if result.same else 1)
+
+
 if __name__ == "__main__":
     main()
