@@ -250,10 +250,13 @@ def count(n: int) -> str:
 
 
 def delta(a: int, b: int) -> str:
-    """`+6,170,624 (+77.3%)`; empty when equal."""
+    """`+6,170,624 (+77.3%)`; `±0` when equal."""
     if a == b:
         return "±0"
-    pct = f" ({(b - a) / a * 100:+.1f}%)" if a else ""
+    pct = ""
+    if a:
+        ratio = (b - a) / a * 100
+        pct = f" ({ratio:+.2g}%)" if abs(ratio) < 0.1 else f" ({ratio:+.1f}%)"
     return f"{b - a:+,}{pct}"
 
 

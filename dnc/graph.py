@@ -122,7 +122,7 @@ def _op(n: Node, graph: nx.DiGraph) -> str | None:
     if n.op is OpKind.GLOBAL_AVGPOOL:
         return "global avgpool"
     if n.op is OpKind.LINEAR:
-        return f"linear {node(graph, inputs(graph, n.scope)[0]).shape[0]}->{a.out_features}"
+        return f"linear {node(graph, inputs(graph, n.scope)[0]).shape[0]}→{a.out_features}"
     if n.op is OpKind.DROPOUT:
         return f"dropout {a.rate:g}"
     return None
