@@ -204,9 +204,17 @@ def _field_changes(a: dict[str, Any], b: dict[str, Any]) -> list[FieldChange]:
     fa = _flatten({k: v for k, v in a.items() if k not in strip}, "", {})
     fb = _flatten({k: v for k, v in b.items() if k not in strip}, "", {})
     keys = list(fa) + [k for k in fb if k not in fa]
-    return [
+    changes = [
         FieldChange(k, fa.get(k, ABSENT), fb.get(k, ABSENT)) for k in keys if fa.get(k, ABSENT) != fb.get(k, ABSENT)
     ]
+    # A spec-wide change shows once, not again in every block that inherits it (x -> y alike).
+    spec_wide = {c.field: (c.a, c.b) for c in changes if "." not in c.field}
+    return [c for c in changes if not _inherited(c, spec_wide)]
+
+
+def _inherited(c: FieldChange, spec_wide: dict[str, tuple[Any, Any]]) -> bool:
+    parts = c.field.split(".")
+    return len(parts) == 3 and parts[0] == "blocks" and spec_wide.get(parts[2]) == (c.a, c.b)
 
 
 def _stage_changes(a: Summary, b: Summary) -> list[StageChange]:

@@ -76,9 +76,12 @@ def test_same_network_through_extends(write_spec, base):
 # override on B -> the resolved fields that change (field, A, B)
 CHANGES = {
     "blocks.1.layers=3": [("blocks.1.layers", 2, 3)],
-    "growth_rate=12": [("growth_rate", 8, 12)] + [(f"blocks.{i}.growth_rate", 8, 12) for i in range(3)],
-    "compression=0.25": [("compression", 0.5, 0.25)] + [(f"blocks.{i}.compression", 0.5, 0.25) for i in range(3)],
-    "bn_size=2": [("bn_size", 4, 2)] + [(f"blocks.{i}.bn_size", 4, 2) for i in range(3)],
+    # a spec-wide change shows once, not again in each block that inherits it
+    "growth_rate=12": [("growth_rate", 8, 12)],
+    "compression=0.25": [("compression", 0.5, 0.25)],
+    "bn_size=2": [("bn_size", 4, 2)],
+    # ... but a block that keeps its own value, or changes differently, does show
+    "blocks.1.growth_rate=12": [("blocks.1.growth_rate", 8, 12)],
     "stem.width=32": [("stem.width", 16, 32)],
     "head.classes=100": [("head.classes", 10, 100)],
     "input.size=[96,96]": [("input.size", [64, 64], [96, 96])],
@@ -232,3 +235,11 @@ def test_markdown_report(base):
     assert "| `blocks.3.layers` | — | 2 |" in out
     assert "denseblock4" in out and "transition3" in out
     assert "❌" in out and "keys new in B" in out
+
+
+def test_spec_wide_change_with_a_block_override(write_spec):
+    a = write_spec(BASE.replace("blocks: [2, 2, 2]", "blocks: [2, {layers: 2, growth_rate: 4}, 2]"), "a.yaml")
+    d = compare(load_side(str(a)), load_side(str(a), ["growth_rate=12"]))
+    assert [(c.field, c.a, c.b) for c in d.fields] == [("growth_rate", 8, 12)]  # block 1 keeps its k=4
+    d = compare(load_side(str(a)), load_side(str(a), ["growth_rate=12", "blocks.1.growth_rate=16"]))
+    assert [(c.field, c.a, c.b) for c in d.fields] == [("growth_rate", 8, 12), ("blocks.1.growth_rate", 4, 16)]
