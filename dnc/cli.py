@@ -137,5 +137,64 @@ def schema():
     click.echo(json.dumps(json_schema(), indent=2))
 
 
+@main.command()
+@click.argument("a")
+@click.argument("b")
+@set_option
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]), default="text", show_default=True)
+@report_errors
+def diff(a, b, overrides, fmt):
+    """Compare the networks two specs build. A and B are spec files or REV:path (git).
+
+    Specs that resolve to the same network (other key order, defaults written out,
+    another `extends`) are the same. --set applies to B. Exit 0 same network, 1 different, 2 error.
+    """
+    from dnc.diff import compare, load_side, to_json, to_markdown
+
+    result = compare(load_side(a), load_side(b, overrides))
+    if fmt == "json":
+        click.echo(json.dumps(to_json(result), indent=2))
+    elif fmt == "markdown":
+        click.echo(to_markdown(result))
+    else:
+        from dnc.render import diff_text
+
+        diff_text(result)
+    sys.exit(0 if result.same else 1)
+
+
+@main.command()
+@spec_arg
+@set_option
+@click.option(
+    "--detail",
+    type=click.Choice(["block", "layer"]),
+    default="block",
+    show_default=True,
+    help="block: one box per stage; layer: every dense layer with its concatenation inputs.",
+)
+@click.option("--format", "fmt", type=click.Choice(["dot", "mermaid", "svg", "png"]), default="dot", show_default=True)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write here (atomically). Default: stdout for dot and mermaid, <name>.svg / <name>.png for images.",
+)
+@report_errors
+def graph(spec, overrides, detail, fmt, output):
+    """Draw the architecture: DOT or Mermaid source, or SVG/PNG through Graphviz `dot`."""
+    from dnc.graph import IMAGE_FORMATS, picture, render_image, render_text, write_atomic
+
+    spec_model, ir = build(spec, overrides)
+    text = render_text(picture(ir, detail), "dot" if fmt in IMAGE_FORMATS else fmt)
+    if fmt not in IMAGE_FORMATS and output is None:
+        click.echo(text, nl=False)
+        return
+    data = render_image(text, fmt) if fmt in IMAGE_FORMATS else text.encode()
+    output = output or Path(f"{spec_model.name}.{fmt}")
+    write_atomic(output, data)
+    click.echo(f"wrote {output}", err=True)
+
+
 if __name__ == "__main__":
     main()

@@ -5,6 +5,18 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from dnc.diff import (
+    SHOWN_KEY_GROUPS,
+    STAGE_HEADER,
+    Diff,
+    checkpoint_line,
+    delta,
+    key_groups,
+    reshaped_groups,
+    show_value,
+    stage_cells,
+    totals,
+)
 from dnc.summary import Summary
 
 
@@ -44,3 +56,44 @@ def summary_table(s: Summary, console: Console | None = None) -> None:
     console.print(f"{s.params:,} parameters ({fmt_count(s.params)}), {s.macs:,} MACs ({fmt_count(s.macs)})")
     for note in s.notes:
         console.print(f"note: {note}", style="yellow")
+
+
+def diff_text(d: Diff, console: Console | None = None) -> None:
+    """`dnc diff` for a terminal: fields, changed stages, totals, checkpoint keys."""
+    if console is None:
+        console = Console(highlight=False)
+        if not console.is_terminal:
+            console.width = 120
+    a, b = d.a, d.b
+    console.print(f"A: {a.source} ({a.data['name']})\nB: {b.source} ({b.data['name']})")
+    if d.same:
+        console.print("same network", style="bold green")
+        return
+    console.print("different networks", style="bold red")
+    fields = Table(title="spec fields (resolved)", title_justify="left")
+    for col in ("field", "A", "B"):
+        fields.add_column(col)
+    for c in d.fields:
+        fields.add_row(c.field, show_value(c.a), show_value(c.b))
+    console.print(fields)
+    changed = [s for s in d.stages if s.changed]
+    if changed:
+        stages = Table(title="stages that changed", title_justify="left")
+        for col in STAGE_HEADER:
+            stages.add_column(col, justify="left" if col in ("stage", "output (CxHxW)") else "right")
+        for s in changed:
+            stages.add_row(*stage_cells(s))
+        console.print(stages)
+    for name, x, y in totals(d):
+        console.print(f"{name}: {x:,} ({fmt_count(x)}) → {y:,} ({fmt_count(y)}), {delta(x, y)}")
+    c = d.checkpoint
+    console.print(f"checkpoint: {checkpoint_line(c)}", style="green" if c.loads else "yellow")
+    for title, items in (
+        ("missing in B", key_groups(c.missing_in_b)),
+        ("new in B", key_groups(c.new_in_b)),
+        ("change shape", reshaped_groups(c.changed_shape)),
+    ):
+        for item in items[:SHOWN_KEY_GROUPS]:
+            console.print(f"  {title}: {item}", markup=False)
+        if len(items) > SHOWN_KEY_GROUPS:
+            console.print(f"  {title}: … and {len(items) - SHOWN_KEY_GROUPS} more (--format json lists every key)")

@@ -16,9 +16,12 @@ TORCHVISION_SPECS = ["densenet121", "densenet161", "densenet169", "densenet201",
 CIFAR_SPECS = [p.stem for p in ALL_SPECS if p.stem not in TORCHVISION_SPECS]
 
 
-def run_dnc(*args: str | Path, cwd: Path | None = None, input: str | None = None) -> subprocess.CompletedProcess:
-    """Run the real `dnc` command line in a subprocess, as a user would."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def run_dnc(
+    *args: str | Path, cwd: Path | None = None, input: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run the real `dnc` command line in a subprocess, as a user would; `env` adds variables."""
+    path = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    env = {**os.environ, "PYTHONPATH": path, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "dnc", *map(str, args)],
         cwd=cwd or ROOT,

@@ -1,0 +1,237 @@
+"""`dnc graph`: architecture pictures from the inferred IR.
+
+The IR is contracted to units: one per stage (`--detail block`), or, inside dense
+blocks, one per dense layer plus the block's final concatenation (`--detail layer`).
+An edge joins two units wherever an IR edge does, labelled with the tensor it
+carries, so the dense connectivity drawn is the IR's own concat inputs. The view
+data is plain strings, escaped here for each format; the templates in
+templates/graph/ only loop and substitute. SVG and PNG come from Graphviz `dot`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+import networkx as nx
+
+from dnc.errors import DncError
+from dnc.ir import Node, OpKind, inputs, node, ordered, output
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "graph"
+TEXT_FORMATS = ("dot", "mermaid")
+IMAGE_FORMATS = ("svg", "png")
+NO_DOT = (
+    "Graphviz 'dot' not found; install it (apt-get install graphviz / brew install graphviz) "
+    "or use --format dot|mermaid"
+)
+_LAYER = re.compile(r"^features\.(denseblock\d+)\.(denselayer\d+)\.")
+
+
+@dataclass
+class Unit:
+    id: str  # a valid identifier in DOT and Mermaid
+    lines: list[str]  # label, one line each
+    cluster: str | None = None  # the dense block a layer unit sits in (layer detail)
+    nodes: list[Node] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Edge:
+    src: str
+    dst: str
+    label: str  # the tensor carried, e.g. "256ch 56x56"; empty inside a dense block
+
+
+@dataclass(frozen=True)
+class Picture:
+    name: str
+    units: list[Unit]
+    clusters: list[tuple[str, str]]  # (dense block id, its title), layer detail only
+    edges: list[Edge]
+
+
+# -- IR -> picture -----------------------------------------------------------------
+
+
+def picture(graph: nx.DiGraph, detail: str = "block") -> Picture:
+    """Contract the IR to stage units (or layer units inside dense blocks) and their edges."""
+    unit_of: dict[str, str] = {}
+    units: dict[str, Unit] = {}
+    clusters: dict[str, str] = {}
+    for n in ordered(graph):
+        uid, cluster = _unit_id(n, detail)
+        unit_of[n.scope] = uid
+        units.setdefault(uid, Unit(uid, [], cluster)).nodes.append(n)
+        if cluster:
+            clusters.setdefault(cluster, "")
+    out = output(graph)
+    units["output"] = Unit("output", ["output", _shape(out.shape)])
+    for unit in units.values():
+        if unit.nodes:
+            unit.lines = _label(graph, unit, detail)
+    for block in clusters:
+        layers = [u for u in units.values() if u.cluster == block and u.id != f"{block}_cat"]
+        clusters[block] = f"{block}: {len(layers)} layers, k={_growth(graph, layers[0].nodes)}"
+    edges: dict[tuple[str, str], Edge] = {}
+    labelled: set[str] = set()  # a feature map fanning out to a whole block is labelled once
+    for n in ordered(graph):
+        for src in inputs(graph, n.scope):
+            a, b = unit_of[src], unit_of[n.scope]
+            if a != b and (a, b) not in edges:
+                inner = units[a].cluster is not None and units[a].cluster == units[b].cluster
+                edges[(a, b)] = Edge(a, b, "" if inner or src in labelled else _shape(node(graph, src).shape))
+                labelled.add(src)
+    edges[(unit_of[out.scope], "output")] = Edge(unit_of[out.scope], "output", _shape(out.shape))
+    return Picture(graph.graph["name"], list(units.values()), list(clusters.items()), list(edges.values()))
+
+
+def _unit_id(n: Node, detail: str) -> tuple[str, str | None]:
+    if detail == "layer" and n.stage.startswith("denseblock"):
+        m = _LAYER.match(n.scope)
+        return (f"{m.group(1)}_{m.group(2)}" if m else f"{n.stage}_cat"), n.stage
+    return n.stage, None
+
+
+def _shape(shape) -> str:
+    if len(shape) == 3:
+        c, h, w = shape
+        return f"{c}ch {h}x{w}"
+    return "x".join(map(str, shape))
+
+
+def _growth(graph: nx.DiGraph, nodes: list[Node]) -> int:
+    convs = [n for n in nodes if n.op is OpKind.CONV]
+    return convs[-1].attrs.out_channels
+
+
+def _op(n: Node, graph: nx.DiGraph) -> str | None:
+    """A short name for an op worth drawing: convs, pools, linear; None for BN, ReLU and the like."""
+    a = n.attrs
+    if n.op is OpKind.CONV:
+        stride = f"/{a.stride}" if a.stride > 1 else ""
+        return f"conv{a.kernel}x{a.kernel}{stride} {a.out_channels}"
+    if n.op in (OpKind.MAXPOOL, OpKind.AVGPOOL):
+        return f"{n.op.value}{a.kernel}x{a.kernel}/{a.stride}"
+    if n.op is OpKind.GLOBAL_AVGPOOL:
+        return "global avgpool"
+    if n.op is OpKind.LINEAR:
+        return f"linear {node(graph, inputs(graph, n.scope)[0]).shape[0]}→{a.out_features}"
+    if n.op is OpKind.DROPOUT:
+        return f"dropout {a.rate:g}"
+    return None
+
+
+def _label(graph: nx.DiGraph, unit: Unit, detail: str) -> list[str]:
+    first, nodes = unit.nodes[0], unit.nodes
+    if first.op is OpKind.INPUT:
+        return ["input", _shape(first.shape)]
+    ops = [op for op in (_op(n, graph) for n in nodes) if op]
+    if unit.cluster is None and first.stage.startswith("denseblock"):
+        layers = len({_LAYER.match(n.scope).group(2) for n in nodes if _LAYER.match(n.scope)})
+        per_layer = [_op(n, graph) for n in nodes if n.op is OpKind.CONV and ".denselayer1." in n.scope]
+        return [first.stage, f"{layers} layers, k={_growth(graph, nodes)}", "each: " + ", ".join(per_layer)]
+    if unit.cluster is not None:
+        if unit.id.endswith("_cat"):
+            return ["concat", _shape(nodes[-1].shape)]
+        channels_in = (
+            first.shape[0] if first.op is OpKind.CONCAT else node(graph, inputs(graph, first.scope)[0]).shape[0]
+        )
+        return [unit.id.split("_", 1)[1], f"{channels_in}ch in", ", ".join(ops)]
+    return [first.stage, *_chunks(ops)]
+
+
+def _chunks(ops: list[str], width: int = 3) -> list[str]:
+    return [", ".join(ops[i : i + width]) for i in range(0, len(ops), width)] or [""]
+
+
+# -- picture -> text ---------------------------------------------------------------
+
+
+def _dot_label(lines: list[str]) -> str:
+    # DOT's \n escape is a centred line break inside a quoted label
+    escaped = "\\n".join(line.replace("\\", "\\\\").replace('"', '\\"') for line in lines)
+    return f'"{escaped}"'
+
+
+def _mermaid_label(lines: list[str]) -> str:
+    # NOTE: Mermaid labels have no backslash escapes; entity codes are its way, <br> its newline
+    def escape(line: str) -> str:
+        return line.replace("#", "#35;").replace('"', "#quot;").replace("<", "#lt;").replace(">", "#gt;")
+
+    return '"' + "<br>".join(escape(line) for line in lines) + '"'
+
+
+def _view(p: Picture, fmt: str) -> dict:
+    """Plain data for a template: identifiers, quoted labels, edges in order."""
+    label = _dot_label if fmt == "dot" else _mermaid_label
+
+    def unit(u: Unit) -> dict:
+        return {"id": u.id, "label": label(u.lines)}
+
+    def arrow(e: Edge) -> str:
+        if fmt == "dot":
+            return f" [label={label([e.label])}]" if e.label else ""
+        return f"-->|{label([e.label])}|" if e.label else "-->"
+
+    prefix = "cluster_" if fmt == "dot" else ""  # DOT draws a box only around subgraphs named cluster*
+    clusters = [
+        {"id": prefix + cid, "label": label([title]), "units": [unit(u) for u in p.units if u.cluster == cid]}
+        for cid, title in p.clusters
+    ]
+    return {
+        "title": label([p.name]),
+        "units": [unit(u) for u in p.units if u.cluster is None],
+        "clusters": clusters,
+        "edges": [{"src": e.src, "dst": e.dst, "arrow": arrow(e)} for e in p.edges],
+    }
+
+
+def render_text(p: Picture, fmt: str) -> str:
+    """DOT or Mermaid source of a picture."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+    )
+    return env.get_template(f"graph.{fmt}.j2").render(_view(p, fmt))
+
+
+def render_image(dot: str, fmt: str) -> bytes:
+    """SVG or PNG bytes from DOT source, by Graphviz `dot`."""
+    exe = shutil.which("dot")
+    if exe is None:
+        raise DncError(NO_DOT)
+    done = subprocess.run([exe, f"-T{fmt}"], input=dot.encode(), capture_output=True, timeout=600)
+    if done.returncode:
+        lines = done.stderr.decode(errors="replace").strip().splitlines() or [f"exit status {done.returncode}"]
+        raise DncError(f"Graphviz 'dot' failed: {lines[0]}")
+    return done.stdout
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write via a temporary file beside `path` and rename, so a reader never sees half a file."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    except OSError as err:
+        raise DncError(f"cannot write {path}: {err.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the mode a new file gets
+        os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise DncError(f"cannot write {path}: {err.strerror}") from None
