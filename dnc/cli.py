@@ -146,7 +146,7 @@ DEFAULT_OUT = {"torch": Path("generated"), "onnx": Path("build/onnx")}
     type=click.Path(dir_okay=False, path_type=Path),
     help="torchvision-format checkpoint (.pth, .safetensors).",
 )
-@click.option("--opset", type=int, default=None, help="ONNX opset (onnx target; default 17).")
+@click.option("--opset", type=int, default=None, metavar="N", help="ONNX opset, 13 to 28 (onnx target) [default: 17].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights when no --weights.")
 @set_option
 @report_errors
