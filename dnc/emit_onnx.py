@@ -35,7 +35,7 @@ from dnc.infer import state_dict_shapes
 from dnc.ir import Node, OpKind, inputs, ordered, output
 from dnc.weights import check_state, read_checkpoint, seeded_state
 
-MIN_OPSET = 13  # the first opset with today's Split/Squeeze-style semantics that runtimes still widely ship
+MIN_OPSET = 13  # from 13 on, each op emitted here means the same at inference in every opset
 # NOTE: onnxruntime 1.32 runs opset 28 and rejects 29; onnx 1.23 knows up to 28. Raise this
 # together with the pinned onnx/onnxruntime (tests/test_onnx_target.py checks both ends).
 MAX_OPSET = min(28, onnx.defs.onnx_opset_version())

@@ -13,7 +13,16 @@ import onnx
 import pytest
 from conftest import ALL_SPECS, run_dnc, spec_path
 
-from dnc.emit_onnx import BATCH, MAX_OPSET, MIN_OPSET, OUTPUT_NAME, emit_onnx, initializer_keys, write_onnx
+from dnc.emit_onnx import (
+    BATCH,
+    DEFAULT_OPSET,
+    MAX_OPSET,
+    MIN_OPSET,
+    OUTPUT_NAME,
+    emit_onnx,
+    initializer_keys,
+    write_onnx,
+)
 from dnc.infer import state_dict_shapes
 from dnc.ir import OpKind, ordered, output
 from dnc.pipeline import build
@@ -149,6 +158,13 @@ def test_seed_changes_the_weights(tmp_path):
         assert run_dnc("compile", spec_path(SMALL), "--target", "onnx", "-o", out, "--seed", seed).returncode == 0
     a, b = (onnx.load(tmp_path / s / f"{SMALL}.onnx") for s in ("1", "2"))
     assert a.graph.node == b.graph.node and a.graph.initializer != b.graph.initializer
+
+
+def test_help_states_the_opset_range_and_default():
+    result = run_dnc("compile", "--help")
+    assert f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (onnx target) [default: {DEFAULT_OPSET}]" in " ".join(
+        result.stdout.split()
+    )
 
 
 @pytest.mark.parametrize("opset", ["12", str(MAX_OPSET + 1)])
