@@ -128,6 +128,51 @@ def resolve(spec, overrides, fmt):
     yaml.dump(data, sys.stdout)
 
 
+DEFAULT_OUT = {"torch": Path("generated"), "onnx": Path("build/onnx")}
+
+
+@main.command("compile")
+@click.argument("specs", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--target", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True)
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder [torch: generated/, onnx: build/onnx/].",
+)
+@click.option(
+    "--weights",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="torchvision-format checkpoint (.pth, .safetensors).",
+)
+@click.option("--opset", type=int, default=None, metavar="N", help="ONNX opset, 13 to 28 (onnx target) [default: 17].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights when no --weights.")
+@set_option
+@report_errors
+def compile_(specs, target, out_dir, weights, opset, seed, overrides):
+    """Compile specs (default: specs/*.yaml) to a target."""
+    from dnc.errors import EmitError
+
+    specs = specs or tuple(sorted(Path("specs").glob("*.yaml")))
+    if not specs:
+        raise EmitError("no specs given and none in specs/")
+    if weights is not None and len(specs) != 1:
+        raise EmitError(f"--weights fits one network: give exactly one spec, not {len(specs)}")
+    out_dir = out_dir or DEFAULT_OUT[target]
+    if target == "torch":
+        raise EmitError("torch target not built in this branch")
+    from dnc.emit_onnx import DEFAULT_OPSET, check_opset, compile_onnx
+
+    opset = DEFAULT_OPSET if opset is None else opset
+    check_opset(opset)
+    for spec in specs:
+        _, graph = build(spec, overrides)
+        path, model, written = compile_onnx(graph, out_dir, weights, seed, opset)
+        what = "wrote" if written else "unchanged"
+        click.echo(f"{path}: {what} ({len(model.graph.node)} nodes, opset {opset})")
+
+
 @main.command()
 @report_errors
 def schema():

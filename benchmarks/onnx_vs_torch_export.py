@@ -1,0 +1,149 @@
+"""dnc's ONNX emission vs torch.onnx.export of the torchvision model, in one run.
+
+For each network: emission wall time (a fresh subprocess each, imports included,
+median of --repeats), file size, node count, and onnxruntime CPU latency of both
+graphs at each batch size (warmups, then the median of --runs), plus the largest
+relative difference between their outputs. Both sides get the same weights: a
+seeded checkpoint written once to a .safetensors file, which each side reads inside
+its timed subprocess.
+
+    python benchmarks/onnx_vs_torch_export.py [--specs densenet121 densenet264] [--runs 20]
+
+torch's side uses the TorchScript exporter (dynamo=False): the torch.export-based one
+needs onnxscript, which dnc does not depend on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# torchvision.models.densenet.DenseNet(growth_rate, block_config, num_init_features): no dnc import on torch's side
+CONFIGS = {
+    "densenet121": (32, (6, 12, 24, 16), 64),
+    "densenet161": (48, (6, 12, 36, 24), 96),
+    "densenet169": (32, (6, 12, 32, 32), 64),
+    "densenet201": (32, (6, 12, 48, 32), 64),
+    "densenet264": (32, (6, 12, 64, 48), 64),
+}
+
+TORCH_EXPORT = """
+import sys, torch
+from safetensors.torch import load_file
+from torchvision.models.densenet import DenseNet
+k, blocks, width, ckpt, out, opset = sys.argv[1], eval(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
+net = DenseNet(growth_rate=int(k), block_config=blocks, num_init_features=int(width)).eval()
+net.load_state_dict(load_file(ckpt))
+torch.onnx.export(net, (torch.zeros(1, 3, 224, 224),), out, dynamo=False, opset_version=int(opset),
+                  input_names=["input"], output_names=["logits"],
+                  dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+"""
+
+
+def timed(cmd: list[str]) -> float:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True)
+    return time.perf_counter() - start
+
+
+def latencies(paths: list[Path], batch: int, threads: int, warmup: int, runs: int) -> list[tuple[float, np.ndarray]]:
+    """Median latency and output of each model. Runs alternate between the models, so that load
+    from other processes on a shared machine falls on both alike."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in paths]
+    x = {"input": np.random.default_rng(batch).standard_normal((batch, 3, 224, 224), dtype=np.float32)}
+    outputs = [None] * len(sessions)
+    for _ in range(warmup):
+        for i, session in enumerate(sessions):
+            outputs[i] = session.run(None, x)[0]
+    times = [[] for _ in sessions]
+    for _ in range(runs):
+        for i, session in enumerate(sessions):
+            start = time.perf_counter()
+            session.run(None, x)
+            times[i].append(time.perf_counter() - start)
+    return [(statistics.median(t), y) for t, y in zip(times, outputs, strict=True)]
+
+
+def bench(name: str, args, work: Path) -> list[tuple[str, str, str, str]]:
+    import onnx
+    from safetensors.numpy import save_file
+
+    from dnc.infer import state_dict_shapes
+    from dnc.pipeline import build
+    from dnc.weights import seeded_state
+
+    spec = ROOT / "specs" / f"{name}.yaml"
+    _, graph = build(spec)
+    ckpt = work / f"{name}.safetensors"
+    save_file(seeded_state(state_dict_shapes(graph), seed=0), str(ckpt))
+    ours, theirs = work / "dnc" / f"{name}.onnx", work / f"{name}.torch.onnx"
+    dnc_cmd = [sys.executable, "-m", "dnc", "compile", str(spec), "--target", "onnx", "-o", str(ours.parent)]
+    dnc_cmd += ["--weights", str(ckpt), "--opset", str(args.opset)]
+    k, blocks, width = CONFIGS[name]
+    torch_cmd = [sys.executable, "-c", TORCH_EXPORT, str(k), repr(blocks), str(width), str(ckpt), str(theirs)]
+    torch_cmd.append(str(args.opset))
+
+    emit = {"dnc": [], "torch": []}
+    for _ in range(args.repeats):  # alternating, as the latencies below
+        ours.unlink(missing_ok=True)  # else dnc skips the unchanged write
+        emit["dnc"].append(timed(dnc_cmd))
+        emit["torch"].append(timed(torch_cmd))
+    rows = [("emit wall time (s)", *_pair(statistics.median(emit["dnc"]), statistics.median(emit["torch"]), "{:.2f}"))]
+    rows.append(("file size (MB)", *_pair(ours.stat().st_size / 1e6, theirs.stat().st_size / 1e6, "{:.1f}")))
+    nodes = [len(onnx.load(p, load_external_data=False).graph.node) for p in (ours, theirs)]
+    rows.append(("nodes", *_pair(*nodes, "{}")))
+    for batch in args.batches:
+        (a, ya), (b, yb) = latencies([ours, theirs], batch, args.threads, args.warmup, args.runs)
+        rows.append((f"ORT latency, batch {batch} (ms)", *_pair(a * 1e3, b * 1e3, "{:.1f}")))
+        diff = float(np.abs(ya - yb).max() / np.abs(yb).max())
+        rows.append((f"max rel. diff of outputs, batch {batch}", f"{diff:.1e}", "", ""))
+    return rows
+
+
+def _pair(a: float, b: float, fmt: str) -> tuple[str, str, str]:
+    return fmt.format(a), fmt.format(b), f"{a / b:.2f}x"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--specs", nargs="+", default=["densenet121"], choices=sorted(CONFIGS))
+    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=20, help="timed inference runs per batch size (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="emission subprocesses per side (median)")
+    args = parser.parse_args()
+
+    import onnxruntime
+    import torch
+
+    print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, opset {args.opset}, ", end="")
+    print(f"{args.threads} ORT threads, {os.cpu_count()} CPUs, median of {args.runs} runs after {args.warmup} warmups")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.specs:
+            print(f"\n### {name}\n")
+            print("| | dnc `--target onnx` | `torch.onnx.export` | dnc / torch |")
+            print("| --- | ---: | ---: | ---: |")
+            for row in bench(name, args, Path(tmp)):
+                print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()

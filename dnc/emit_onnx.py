@@ -1,0 +1,207 @@
+"""ONNX emitter: inferred IR + state dict -> an inference-mode `onnx.ModelProto`.
+
+Built with onnx.helper straight from the IR (no torch.onnx.export): one ONNX node
+per IR node, named by its scope, its output tensor named by its scope too, so a
+node in Netron reads like the torchvision module it stands for. Initializer names
+are the torch state_dict keys.
+
+Choices, and why:
+- Eval mode only: BatchNormalization in inference mode (running statistics),
+  dropout omitted (it is the identity at inference; torch.onnx.export drops it too).
+- `num_batches_tracked` is not an initializer: no inference op reads it, and ONNX
+  checkers and runtimes would carry an unused int64 tensor per BN layer.
+- Weights are stored as float32 whatever the checkpoint's float type.
+- The batch axis is the symbolic dim "batch"; the input is "input", the output
+  "logits".
+- The IR version is the lowest that the chosen opset needs, so a model at an old
+  opset also loads in an old runtime.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from dnc import __version__
+from dnc.errors import EmitError
+from dnc.infer import state_dict_shapes
+from dnc.ir import Node, OpKind, inputs, ordered, output
+from dnc.weights import check_state, read_checkpoint, seeded_state
+
+MIN_OPSET = 13  # from 13 on, each op emitted here means the same at inference in every opset
+# NOTE: onnxruntime 1.32 runs opset 28 and rejects 29; onnx 1.23 knows up to 28. Raise this
+# together with the pinned onnx/onnxruntime (tests/test_onnx_target.py checks both ends).
+MAX_OPSET = min(28, onnx.defs.onnx_opset_version())
+DEFAULT_OPSET = 17  # widely supported by deployed runtimes (onnxruntime >= 1.13, TensorRT 8.6)
+INPUT_NAME, OUTPUT_NAME, BATCH = "input", "logits", "batch"
+SKIPPED = "num_batches_tracked"
+
+
+def check_opset(opset: int) -> None:
+    """Raise EmitError unless dnc can emit `opset`."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise EmitError(f"--opset {opset} is not supported: choose {MIN_OPSET} to {MAX_OPSET}")
+
+
+def initializer_keys(expected: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """The state_dict keys that become initializers: all but BN's `num_batches_tracked`."""
+    return [k for k in expected if k.rsplit(".", 1)[-1] != SKIPPED]
+
+
+def emit_onnx(graph: nx.DiGraph, state: Mapping[str, np.ndarray], opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """The inference-mode ONNX model of an inferred IR, with `state`'s weights as initializers.
+
+    `state` maps torch state_dict keys to arrays (checked against the IR by the caller,
+    see `weights.check_state`); keys no op reads are ignored.
+    """
+    check_opset(opset)
+    names: dict[str, str] = {}  # IR scope -> the tensor holding its output
+    nodes, used = [], []
+    for n in ordered(graph):
+        srcs = [names[s] for s in inputs(graph, n.scope)]
+        if n.op is OpKind.INPUT:
+            names[n.scope] = INPUT_NAME
+            continue
+        if n.op is OpKind.DROPOUT:  # identity at inference
+            names[n.scope] = srcs[0]
+            continue
+        out = OUTPUT_NAME if graph.out_degree(n.scope) == 0 else n.scope
+        params = _param_keys(n)
+        nodes.append(_make(n, srcs + params, out))
+        used += params
+        names[n.scope] = out
+
+    missing = [k for k in used if k not in state]
+    if missing:
+        raise EmitError(f"no weights for {len(missing)} parameters (first: {missing[0]})")
+    initializers = [numpy_helper.from_array(np.asarray(state[k], dtype=np.float32), k) for k in used]
+    first, last = _input_node(graph), output(graph)
+    x = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [BATCH, *first.shape])
+    y = helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [BATCH, *last.shape])
+    name = graph.graph.get("name", "densenet")
+    onnx_graph = helper.make_graph(nodes, name, [x], [y], initializer=initializers)
+    opsets = [helper.make_opsetid("", opset)]
+    model = helper.make_model(
+        onnx_graph,
+        opset_imports=opsets,
+        ir_version=helper.find_min_ir_version_for(opsets),
+        producer_name="dnc",
+        producer_version=__version__,
+        doc_string=f"{name}, compiled by dnc from {graph.graph.get('source') or 'a spec'}; inference mode",
+    )
+    helper.set_model_props(model, {"dnc.spec": graph.graph.get("source", ""), "dnc.network": name})
+    return model
+
+
+def _input_node(graph: nx.DiGraph) -> Node:
+    (first,) = [n for n in ordered(graph) if n.op is OpKind.INPUT]
+    return first
+
+
+def _param_keys(n: Node) -> list[str]:
+    """The node's weight inputs, in ONNX's input order, named as torch names them."""
+    if n.op is OpKind.CONV or n.op is OpKind.LINEAR:
+        return [f"{n.scope}.weight"] + ([f"{n.scope}.bias"] if n.attrs.bias else [])
+    if n.op is OpKind.BATCHNORM:
+        return [f"{n.scope}.{k}" for k in ("weight", "bias", "running_mean", "running_var")]
+    return []
+
+
+def _make(n: Node, ins: list[str], out: str) -> onnx.NodeProto:
+    a = n.attrs
+    make = helper.make_node
+    match n.op:
+        case OpKind.CONV:
+            return make(
+                "Conv", ins, [out], n.scope, kernel_shape=[a.kernel] * 2, pads=[a.padding] * 4, strides=[a.stride] * 2
+            )
+        case OpKind.BATCHNORM:
+            return make("BatchNormalization", ins, [out], n.scope, epsilon=a.eps)
+        case OpKind.RELU:
+            return make("Relu", ins, [out], n.scope)
+        case OpKind.MAXPOOL:
+            return make(
+                "MaxPool",
+                ins,
+                [out],
+                n.scope,
+                kernel_shape=[a.kernel] * 2,
+                pads=[a.padding] * 4,
+                strides=[a.stride] * 2,
+            )
+        case OpKind.AVGPOOL:  # torch's AvgPool2d counts padding in the divisor by default
+            return make(
+                "AveragePool",
+                ins,
+                [out],
+                n.scope,
+                count_include_pad=1,
+                kernel_shape=[a.kernel] * 2,
+                pads=[a.padding] * 4,
+                strides=[a.stride] * 2,
+            )
+        case OpKind.CONCAT:
+            return make("Concat", ins, [out], n.scope, axis=1)
+        case OpKind.GLOBAL_AVGPOOL:
+            return make("GlobalAveragePool", ins, [out], n.scope)
+        case OpKind.FLATTEN:
+            return make("Flatten", ins, [out], n.scope, axis=1)
+        case OpKind.LINEAR:  # y = x W^T + b, W stored (out, in) as torch stores it
+            return make("Gemm", ins, [out], n.scope, transB=1)
+    raise EmitError(f"{n.scope}: no ONNX rule for op '{n.op.value}'", n.origin)
+
+
+def write_onnx(model: onnx.ModelProto, path: str | Path) -> bool:
+    """Write `model` to `path` atomically (temp file + rename); skip if the bytes are unchanged.
+
+    Returns whether the file was written. Nothing half-written is ever left at `path`.
+    """
+    path = Path(path)
+    data = model.SerializeToString(deterministic=True)
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return True
+
+
+def model_state(graph: nx.DiGraph, weights: str | Path | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """The network's weights: a torchvision-format checkpoint (checked against the IR), or seeded ones."""
+    expected = state_dict_shapes(graph)
+    if weights is None:
+        return seeded_state(expected, seed)
+    state = read_checkpoint(weights)
+    # torchvision's old-format checkpoints predate `num_batches_tracked`; nothing here reads it.
+    expected = {k: v for k, v in expected.items() if k in state or k.rsplit(".", 1)[-1] != SKIPPED}
+    check_state(state, expected, str(weights))
+    return state
+
+
+def compile_onnx(
+    graph: nx.DiGraph, out_dir: str | Path, weights: str | Path | None = None, seed: int = 0, opset: int = DEFAULT_OPSET
+) -> tuple[Path, onnx.ModelProto, bool]:
+    """Emit `<out_dir>/<name>.onnx`; return the path, the model and whether the file changed."""
+    model = emit_onnx(graph, model_state(graph, weights, seed), opset)
+    path = Path(out_dir) / f"{graph.graph['name']}.onnx"
+    return path, model, write_onnx(model, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
