@@ -128,6 +128,53 @@ def resolve(spec, overrides, fmt):
     yaml.dump(data, sys.stdout)
 
 
+# Emitters by target: a module with `SUFFIX` and `emit(graph) -> str | bytes`, imported on use.
+TARGETS = {"torch": "dnc.emit_torch"}
+SPECS_DIR = Path("specs")
+OUT_DIR = Path("generated")
+
+
+@main.command()
+@click.argument("specs", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--target", type=click.Choice(sorted(TARGETS)), default="torch", show_default=True)
+@click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=OUT_DIR, show_default=True)
+@click.option("--check", is_flag=True, help="Write nothing; exit 1 naming each output that is missing or stale.")
+@set_option
+@report_errors
+def compile(specs, target, out_dir, check, overrides):
+    """Emit code for SPECS (default: every specs/*.yaml), one file per spec: OUT_DIR/<name>.py.
+
+    Every spec is compiled before anything is written; a file is rewritten (atomically)
+    only when its content changed.
+    """
+    import importlib
+
+    from dnc.outputs import plan_outputs, stale_outputs, write_outputs
+
+    emitter = importlib.import_module(TARGETS[target])
+    every_spec = not specs
+    outputs = plan_outputs(specs or _all_specs(), overrides, emitter, out_dir)
+    if check:
+        problems = stale_outputs(outputs, out_dir, emitter.SUFFIX, every_spec=every_spec)
+        for line in problems:
+            click.echo(line, err=True)
+        if problems:
+            click.echo(f"dnc: {len(problems)} generated file(s) out of date; run `make generate`", err=True)
+            sys.exit(1)
+        click.echo(f"{len(outputs)} generated file(s) up to date")
+        return
+    changed = write_outputs(outputs)
+    for path in outputs:
+        click.echo(f"{path}: {'written' if path in changed else 'unchanged'}")
+
+
+def _all_specs() -> list[Path]:
+    specs = sorted(SPECS_DIR.glob("*.yaml"))
+    if not specs:
+        raise DncError(f"no specs given and none in {SPECS_DIR}/ (run from the project root or name the specs)")
+    return specs
+
+
 @main.command()
 @report_errors
 def schema():
