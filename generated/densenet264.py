@@ -17,7 +17,7 @@ from torch import Tensor, nn
 __all__ = ["DenseNet", "densenet264", "upgrade_state_dict"]
 
 # torchvision's old checkpoints name `denselayer1.norm.1.weight` what is now `denselayer1.norm1.weight`.
-_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.\w+)$")
 
 
 def upgrade_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -299,10 +299,12 @@ class DenseNet(nn.Module):
         self.classifier = nn.Linear(2688, 1000, bias=True)
         self.register_load_state_dict_pre_hook(_upgrade_old_keys)
 
+    @torch.jit.export
     def forward_features(self, x: Tensor) -> Tensor:
         """The feature map before pooling: (B, 3, 224, 224) -> (B, 2688, 7, 7)."""
         return self.features(x)
 
+    @torch.jit.export
     def forward_blocks(self, x: Tensor) -> list[Tensor]:
         """Each dense block's output (before its transition or norm5), like timm's features_only."""
         x = self.features.conv0(x)  # (B, 64, 112, 112)
