@@ -77,6 +77,11 @@ def verify(
         state, how = seeded_state(expected, seed), f"seeded weights (seed {seed})"
     else:
         state, how = read_checkpoint(weights), f"weights {weights}"
+        # Checkpoints from before PyTorch 0.4 (torchvision's own DenseNets) have no BN step counters;
+        # load_state_dict accepts that too.
+        for key in expected:
+            if key.endswith(".num_batches_tracked") and key not in state:
+                state[key] = np.array(0, dtype=np.int64)
         check_state(state, expected, str(weights))
     tensors = to_torch(state)
     model = load_generated(graph).DenseNet()

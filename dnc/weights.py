@@ -17,7 +17,9 @@ from dnc.errors import Location, WeightsError
 
 # torchvision's old DenseNet checkpoints name `norm.1` what it now names `norm1`;
 # torchvision rewrites keys with this same pattern when it loads them.
-_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_OLD_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
+)
 _WRAPPERS = ("state_dict", "model", "model_state_dict")
 
 
