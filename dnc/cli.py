@@ -134,14 +134,14 @@ SPECS_DIR = Path("specs")
 OUT_DIR = Path("generated")
 
 
-@main.command()
+@main.command("compile")
 @click.argument("specs", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--target", type=click.Choice(sorted(TARGETS)), default="torch", show_default=True)
 @click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=OUT_DIR, show_default=True)
 @click.option("--check", is_flag=True, help="Write nothing; exit 1 naming each output that is missing or stale.")
 @set_option
 @report_errors
-def compile(specs, target, out_dir, check, overrides):
+def compile_(specs, target, out_dir, check, overrides):
     """Emit code for SPECS (default: every specs/*.yaml), one file per spec: OUT_DIR/<name>.py.
 
     Every spec is compiled before anything is written; a file is rewritten (atomically)

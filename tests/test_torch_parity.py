@@ -20,6 +20,7 @@ from dnc.weights import seeded_state
 
 torch.set_num_threads(2)
 SLOW = {"densenet161", "densenet201", "densenet264"}
+SLOW_CIFAR = {"densenet_bc190_k40", "densenet_bc250_k24"}
 SIZES = [(224, 224), (192, 256)]
 RTOL = 1e-5
 
@@ -89,7 +90,9 @@ def test_eval_matches_torchvision_on_cuda(name):
             assert rel_err(generated(x[:1]), reference(x[:1])) <= RTOL
 
 
-@pytest.mark.parametrize("name", CIFAR_SPECS)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW_CIFAR else []) for n in CIFAR_SPECS]
+)
 def test_cifar_shapes_and_params_as_inferred(name):
     _, graph = build(spec_path(name))
     model = import_file(ROOT / "generated" / f"{name}.py").DenseNet()
