@@ -54,6 +54,26 @@ def test_generated_files_are_ruff_clean(target):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def ruff(args: list[str], text: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "ruff", *args, "--stdin-filename", "generated_model.py", "-"]
+    return subprocess.run(cmd, cwd=ROOT, input=text, capture_output=True, text=True)
+
+
+def test_extreme_spec_is_still_ruff_clean(write_spec):
+    """Long literals push shape comments above their line instead of past the line length."""
+    path = write_spec(
+        "version: 1\nname: wide\ninput: {channels: 16, size: [2048, 4096]}\nstem: {kind: deep, width: 1024}\n"
+        "growth_rate: 96\nbn_size: 8\ndrop_rate: 0.125\ndropout_at: every_conv\nblocks: [4, 130]\n"
+        "head: {classes: 21843}\n"
+    )
+    _, graph = build(path)
+    text = emit_torch.emit(graph)
+    assert "                # (B, 96, 512, 1024)\n" in text  # a layer whose comment did not fit after it
+    for args in (["check"], ["format", "--check"]):
+        result = ruff(args, text)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_compile_imports_no_torch(tmp_path):
     code = (
         "import sys; from dnc.cli import main\n"

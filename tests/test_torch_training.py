@@ -159,3 +159,28 @@ def test_torch_compile(tiny):
     compiled = torch.compile(model)
     with torch.no_grad():
         assert torch.allclose(compiled(x), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["stem.kind=deep", "stem.mid_width=8"],
+        ["stem.kind=cifar", "bn_size=null", "compression=1.0"],
+        ["blocks=[{layers: 2, growth_rate: 4, drop_rate: 0.1}, 3]", "dropout_at=every_conv"],
+    ],
+    ids=["deep-stem", "plain-cifar", "per-block"],
+)
+def test_specs_torchvision_cannot_express(tmp_path, overrides):
+    """Stems, layers and per-block settings beyond torchvision: shapes and parameters as inferred."""
+    from dnc.ir import ordered, output
+
+    module, _, graph = compile_tiny(tmp_path, *overrides)
+    model = module.DenseNet()
+    model.load_state_dict(to_torch(seeded_state(state_dict_shapes(graph))), strict=True)
+    out = model.eval()(torch.randn(2, 3, 32, 32))
+    assert tuple(out.shape) == (2, *output(graph).shape)
+    assert sum(p.numel() for p in model.parameters()) == sum(n.params for n in ordered(graph))
+    blocks = model.forward_blocks(torch.randn(1, 3, 32, 32))
+    assert [tuple(b.shape[1:]) for b in blocks] == [
+        graph.nodes[f"features.denseblock{i}.cat"]["node"].shape for i in (1, 2)
+    ]
