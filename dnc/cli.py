@@ -136,7 +136,7 @@ OUT_DIR = Path("generated")
 
 @main.command("compile")
 @click.argument("specs", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--target", type=click.Choice(sorted(TARGETS)), default="torch", show_default=True)
+@click.option("--target", default="torch", show_default=True, help=f"One of: {', '.join(sorted(TARGETS))}.")
 @click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=OUT_DIR, show_default=True)
 @click.option("--check", is_flag=True, help="Write nothing; exit 1 naming each output that is missing or stale.")
 @set_option
@@ -151,6 +151,8 @@ def compile_(specs, target, out_dir, check, overrides):
 
     from dnc.outputs import plan_outputs, stale_outputs, write_outputs
 
+    if target not in TARGETS:  # checked here, not by click, so that the error is one line like every other
+        raise DncError(f"unknown target '{target}': expected one of {', '.join(sorted(TARGETS))}")
     emitter = importlib.import_module(TARGETS[target])
     every_spec = not specs
     outputs = plan_outputs(specs or _all_specs(), overrides, emitter, out_dir)

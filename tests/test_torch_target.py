@@ -156,7 +156,10 @@ def test_two_specs_with_one_name(tmp_path):
     ("args", "message"),
     [
         (["compile", "specs/nope.yaml"], "no such"),
-        (["compile", "specs/densenet121.yaml", "--target", "tensorflow"], "Invalid value for '--target'"),
+        (
+            ["compile", "specs/densenet121.yaml", "--target", "tensorflow"],
+            "unknown target 'tensorflow': expected one of",
+        ),
         (["compile", "specs/densenet121.yaml", "--set", "growth_rate"], "expected --set path.to.field=value"),
     ],
 )
@@ -164,7 +167,7 @@ def test_bad_input_is_one_line(args, message):
     result = run_dnc(*args)
     assert result.returncode == 2
     assert message.lower() in result.stderr.lower()
-    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("name", ["list", "torch", "class", "DenseNet", "_x", "a-b"])
