@@ -106,6 +106,7 @@ def view(graph: nx.DiGraph) -> dict:
     kinds: set[str] = set()
     previous = "x"
     for stage, members in by_stage.items():
+        _ident(stage)
         if stage == "stem":
             for n in members:
                 entry = Entry(_leaf(n), _stem_module(n, graph), _shape(n))
@@ -177,6 +178,7 @@ def _block(stage: str, members: list[Node], kinds: set[str]) -> Block:
             raise EmitError(f"torch target: unexpected node {n.scope}")
     entries, growths = [], set()
     for layer, ops in layers.items():
+        _ident(layer)
         module, kind = _layer_module(f"features.{stage}.{layer}", ops)
         kinds.add(kind)
         last = max(ops.values(), key=lambda n: n.order)
@@ -269,7 +271,14 @@ def _need(nodes: dict[str, Node], scope: str) -> Node:
 
 
 def _leaf(n: Node) -> str:
-    return n.scope.rsplit(".", 1)[-1]
+    return _ident(n.scope.rsplit(".", 1)[-1])
+
+
+def _ident(name: str) -> str:
+    """A module name that goes into the source as an attribute and a string: an identifier, nothing else."""
+    if not name.isidentifier() or keyword.iskeyword(name) or not name.isascii():
+        raise EmitError(f"torch target: module name {name!r} is not a plain identifier")
+    return name
 
 
 def _int(v) -> str:
