@@ -80,8 +80,8 @@ def test_forward_blocks_and_features(pair):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", TORCHVISION_SPECS)
-def test_eval_matches_torchvision_on_cuda(name):
-    torch.backends.cudnn.allow_tf32 = False  # full float32, or the tolerance means nothing
+def test_eval_matches_torchvision_on_cuda(name, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # full float32, or the tolerance means nothing
     generated, reference, _ = models(name, "cuda")
     for size in SIZES:
         x = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(0)).cuda()
