@@ -128,49 +128,103 @@ def resolve(spec, overrides, fmt):
     yaml.dump(data, sys.stdout)
 
 
-DEFAULT_OUT = {"torch": Path("generated"), "onnx": Path("build/onnx")}
+# target -> (emitter module, default output folder). An emitter has SUFFIX and emit(graph, **options).
+TARGETS = {"torch": ("dnc.emit_torch", Path("generated")), "onnx": ("dnc.emit_onnx", Path("build/onnx"))}
+SPECS_DIR = Path("specs")
 
 
 @main.command("compile")
 @click.argument("specs", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--target", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True)
+@click.option("--target", default="torch", show_default=True, help=f"One of: {', '.join(TARGETS)}.")
 @click.option(
     "-o",
-    "--out",
-    "out_dir",
+    "--out-dir",
     type=click.Path(file_okay=False, path_type=Path),
     help="Output folder [torch: generated/, onnx: build/onnx/].",
 )
+@click.option("--check", is_flag=True, help="Write nothing; exit 1 naming each output that is missing or stale.")
 @click.option(
     "--weights",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="torchvision-format checkpoint (.pth, .safetensors).",
+    help="onnx: a torchvision-format checkpoint (.safetensors, .pth) to embed; one spec only.",
 )
 @click.option("--opset", type=int, default=None, metavar="N", help="ONNX opset, 13 to 28 (onnx target) [default: 17].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights when no --weights.")
+@click.option("--seed", type=int, default=None, help="onnx: seed of the random weights when no --weights [default: 0].")
 @set_option
 @report_errors
-def compile_(specs, target, out_dir, weights, opset, seed, overrides):
-    """Compile specs (default: specs/*.yaml) to a target."""
-    from dnc.errors import EmitError
+def compile_(specs, target, out_dir, check, weights, opset, seed, overrides):
+    """Emit code for SPECS (default: every specs/*.yaml), one file per spec: OUT_DIR/<name>.py or .onnx.
 
-    specs = specs or tuple(sorted(Path("specs").glob("*.yaml")))
-    if not specs:
-        raise EmitError("no specs given and none in specs/")
+    Every spec is compiled before anything is written; a file is rewritten (atomically)
+    only when its content changed.
+    """
+    import importlib
+
+    from dnc.outputs import plan_outputs, stale_outputs, write_outputs
+
+    if target not in TARGETS:  # checked here, not by click, so that the error is one line like every other
+        raise DncError(f"unknown target '{target}': expected one of {', '.join(TARGETS)}")
+    module, default_out = TARGETS[target]
+    options = {"weights": weights, "opset": opset, "seed": seed}
+    given = [f"--{name}" for name, value in options.items() if value is not None]
+    if target != "onnx" and given:
+        raise DncError(f"{', '.join(given)}: only for --target onnx (the torch target emits code, not weights)")
     if weights is not None and len(specs) != 1:
-        raise EmitError(f"--weights fits one network: give exactly one spec, not {len(specs)}")
-    out_dir = out_dir or DEFAULT_OUT[target]
-    if target == "torch":
-        raise EmitError("torch target not built in this branch")
-    from dnc.emit_onnx import DEFAULT_OPSET, check_opset, compile_onnx
+        raise DncError(f"--weights fits one network: give exactly one spec, not {len(specs) or 'all of specs/'}")
+    emitter = importlib.import_module(module)
+    emit = functools.partial(emitter.emit, **{k: v for k, v in options.items() if v is not None})
+    out_dir = out_dir or default_out
+    every_spec = not specs
+    outputs = plan_outputs(specs or _all_specs(), overrides, emit, emitter.SUFFIX, out_dir)
+    if check:
+        problems = stale_outputs(outputs, out_dir, emitter.SUFFIX, every_spec=every_spec)
+        for line in problems:
+            click.echo(line, err=True)
+        if problems:
+            click.echo(f"dnc: {len(problems)} generated file(s) out of date; regenerate with dnc compile", err=True)
+            sys.exit(1)
+        click.echo(f"{len(outputs)} generated file(s) up to date")
+        return
+    changed = write_outputs(outputs)
+    for path in outputs:
+        click.echo(f"{path}: {'written' if path in changed else 'unchanged'}")
 
-    opset = DEFAULT_OPSET if opset is None else opset
-    check_opset(opset)
-    for spec in specs:
-        _, graph = build(spec, overrides)
-        path, model, written = compile_onnx(graph, out_dir, weights, seed, opset)
-        what = "wrote" if written else "unchanged"
-        click.echo(f"{path}: {what} ({len(model.graph.node)} nodes, opset {opset})")
+
+def _all_specs() -> list[Path]:
+    specs = sorted(SPECS_DIR.glob("*.yaml"))
+    if not specs:
+        raise DncError(f"no specs given and none in {SPECS_DIR}/ (run from the project root or name the specs)")
+    return specs
+
+
+@main.command()
+@spec_args
+@set_option
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), help="A .safetensors or .pth checkpoint.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the input (and of the weights).")
+@click.option("--batch", type=click.IntRange(min=1), default=2, show_default=True)
+@report_errors
+def verify(specs, overrides, weights, device, seed, batch):
+    """Run the generated PyTorch model and compare it with torchvision's DenseNet.
+
+    Both get the same weights (--weights, or seeded random ones with randomised BN
+    statistics) and the same seeded input, in eval mode. Exit 0 if every spec agrees
+    within a relative error of 1e-5, 1 if one does not. Specs torchvision cannot
+    express are checked against inference (output shape, parameter count) instead.
+    """
+    from dnc.outputs import display_path
+    from dnc.verify import check_device
+    from dnc.verify import verify as verify_one
+
+    check_device(device)
+    failed = 0
+    for path in specs:
+        spec, graph = build(display_path(path), overrides)
+        outcome = verify_one(spec, graph, str(path), weights=weights, device=device, seed=seed, batch=batch)
+        click.echo(outcome.line)
+        failed += not outcome.ok
+    sys.exit(1 if failed else 0)
 
 
 @main.command()

@@ -19,8 +19,6 @@ Choices, and why:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -33,13 +31,14 @@ from dnc import __version__
 from dnc.errors import EmitError
 from dnc.infer import state_dict_shapes
 from dnc.ir import Node, OpKind, inputs, ordered, output
-from dnc.weights import check_state, read_checkpoint, seeded_state
+from dnc.weights import network_state
 
 MIN_OPSET = 13  # from 13 on, each op emitted here means the same at inference in every opset
 # NOTE: onnxruntime 1.32 runs opset 28 and rejects 29; onnx 1.23 knows up to 28. Raise this
 # together with the pinned onnx/onnxruntime (tests/test_onnx_target.py checks both ends).
 MAX_OPSET = min(28, onnx.defs.onnx_opset_version())
 DEFAULT_OPSET = 17  # widely supported by deployed runtimes (onnxruntime >= 1.13, TensorRT 8.6)
+SUFFIX = ".onnx"
 INPUT_NAME, OUTPUT_NAME, BATCH = "input", "logits", "batch"
 SKIPPED = "num_batches_tracked"
 
@@ -158,50 +157,8 @@ def _make(n: Node, ins: list[str], out: str) -> onnx.NodeProto:
     raise EmitError(f"{n.scope}: no ONNX rule for op '{n.op.value}'", n.origin)
 
 
-def write_onnx(model: onnx.ModelProto, path: str | Path) -> bool:
-    """Write `model` to `path` atomically (temp file + rename); skip if the bytes are unchanged.
-
-    Returns whether the file was written. Nothing half-written is ever left at `path`.
-    """
-    path = Path(path)
-    data = model.SerializeToString(deterministic=True)
-    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return True
-
-
-def model_state(graph: nx.DiGraph, weights: str | Path | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """The network's weights: a torchvision-format checkpoint (checked against the IR), or seeded ones."""
-    expected = state_dict_shapes(graph)
-    if weights is None:
-        return seeded_state(expected, seed)
-    state = read_checkpoint(weights)
-    # torchvision's old-format checkpoints predate `num_batches_tracked`; nothing here reads it.
-    expected = {k: v for k, v in expected.items() if k in state or k.rsplit(".", 1)[-1] != SKIPPED}
-    check_state(state, expected, str(weights))
-    return state
-
-
-def compile_onnx(
-    graph: nx.DiGraph, out_dir: str | Path, weights: str | Path | None = None, seed: int = 0, opset: int = DEFAULT_OPSET
-) -> tuple[Path, onnx.ModelProto, bool]:
-    """Emit `<out_dir>/<name>.onnx`; return the path, the model and whether the file changed."""
-    model = emit_onnx(graph, model_state(graph, weights, seed), opset)
-    path = Path(out_dir) / f"{graph.graph['name']}.onnx"
-    return path, model, write_onnx(model, path)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def emit(graph: nx.DiGraph, weights: str | Path | None = None, seed: int = 0, opset: int = DEFAULT_OPSET) -> bytes:
+    """The serialised model of `graph` (deterministic bytes), weights from a checkpoint or seeded."""
+    check_opset(opset)
+    state = network_state(state_dict_shapes(graph), weights, seed)
+    return emit_onnx(graph, state, opset).SerializeToString(deterministic=True)

@@ -30,7 +30,7 @@ def torchvision_densenet(spec: Spec) -> DenseNet:
     if spec.input.channels != 3:
         lacks.append("inputs of other than 3 channels")
     if lacks:
-        raise DncError(f"torchvision's DenseNet cannot express {spec.name}: it has no " + ", ".join(lacks))
+        raise DncError(f"torchvision's DenseNet cannot express {spec.name}: it lacks " + ", ".join(lacks))
     return DenseNet(
         growth_rate=spec.growth_rate,
         block_config=tuple(b.layers for b in blocks),

@@ -17,7 +17,9 @@ from dnc.errors import Location, WeightsError
 
 # torchvision's old DenseNet checkpoints name `norm.1` what it now names `norm1`;
 # torchvision rewrites keys with this same pattern when it loads them.
-_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_OLD_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
+)
 _WRAPPERS = ("state_dict", "model", "model_state_dict")
 
 
@@ -119,3 +121,21 @@ def seeded_state(expected: dict[str, tuple[int, ...]], seed: int = 0) -> dict[st
             fan_in = int(np.prod(shape[1:]))
             out[key] = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
     return out
+
+
+def network_state(
+    expected: dict[str, tuple[int, ...]], weights: str | Path | None = None, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """The weights of a network: a checkpoint checked against `expected`, or seeded ones.
+
+    Checkpoints saved before PyTorch 0.4 (torchvision's own DenseNet downloads among
+    them) have no BN `num_batches_tracked`; like torch's BatchNorm, take it as 0.
+    """
+    if weights is None:
+        return seeded_state(expected, seed)
+    state = read_checkpoint(weights)
+    for key in expected:
+        if key.endswith(".num_batches_tracked") and key not in state:
+            state[key] = np.array(0, dtype=np.int64)
+    check_state(state, expected, str(weights))
+    return state

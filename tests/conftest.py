@@ -47,3 +47,14 @@ def write_spec(tmp_path):
 
 def spec_path(name: str) -> Path:
     return SPECS / f"{name}.yaml"
+
+
+def import_file(path: Path, name: str | None = None):
+    """Import a generated module from its file (kept on disk, so TorchScript can read its source)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name or f"generated_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

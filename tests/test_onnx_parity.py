@@ -1,10 +1,8 @@
 """The emitted ONNX model on onnxruntime computes what torch computes, with the same weights.
 
 Reference for the torchvision specs: torchvision's DenseNet of the same configuration.
-torchvision cannot express the CIFAR specs, so for them the reference is `torch_walk`,
-an independent functional forward over the IR in torch (itself checked against
-torchvision below). NOTE: once the torch target is merged, the CIFAR reference
-becomes the generated PyTorch model.
+torchvision cannot express the CIFAR specs, so for them the reference is the generated
+PyTorch model (itself checked against torchvision in test_torch_parity.py).
 
 Weights are seeded with BN running statistics randomised (identity BN hides bugs).
 Error is relative: max|a - b| / max|b|.
@@ -18,15 +16,15 @@ from conftest import CIFAR_SPECS, TORCHVISION_SPECS, spec_path
 
 from dnc.emit_onnx import emit_onnx
 from dnc.infer import state_dict_shapes
-from dnc.ir import OpKind, inputs, ordered
+from dnc.ir import ordered
 from dnc.pipeline import build
 from dnc.weights import seeded_state
 
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
-F = torch.nn.functional
 
 from dnc.reference import to_torch, torchvision_densenet  # noqa: E402  (needs torch)
+from dnc.verify import load_generated  # noqa: E402
 
 TOLERANCE = 1e-5
 CUDA_TOLERANCE = 1e-4  # cuDNN picks its own convolution algorithms (Winograd, FFT): looser rounding
@@ -40,43 +38,6 @@ def _param(name):
 
 def rel_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def torch_walk(graph, state: dict, x):
-    """The IR's forward pass, op by op, in torch.nn.functional (eval mode)."""
-    values = {}
-    for n in ordered(graph):
-        ins = [values[s] for s in inputs(graph, n.scope)]
-        a = n.attrs
-
-        def p(key, scope=n.scope):
-            return state.get(f"{scope}.{key}")
-
-        match n.op:
-            case OpKind.INPUT:
-                y = x
-            case OpKind.CONV:
-                y = F.conv2d(ins[0], p("weight"), p("bias"), a.stride, a.padding)
-            case OpKind.BATCHNORM:
-                y = F.batch_norm(ins[0], p("running_mean"), p("running_var"), p("weight"), p("bias"), False, 0.0, a.eps)
-            case OpKind.RELU:
-                y = F.relu(ins[0])
-            case OpKind.MAXPOOL:
-                y = F.max_pool2d(ins[0], a.kernel, a.stride, a.padding)
-            case OpKind.AVGPOOL:
-                y = F.avg_pool2d(ins[0], a.kernel, a.stride, a.padding)
-            case OpKind.CONCAT:
-                y = torch.cat(ins, 1)
-            case OpKind.DROPOUT:
-                y = ins[0]
-            case OpKind.GLOBAL_AVGPOOL:
-                y = F.adaptive_avg_pool2d(ins[0], 1)
-            case OpKind.FLATTEN:
-                y = torch.flatten(ins[0], 1)
-            case OpKind.LINEAR:
-                y = F.linear(ins[0], p("weight"), p("bias"))
-        values[n.scope] = y
-    return y
 
 
 class Case:
@@ -107,9 +68,19 @@ def torchvision_case(request):
 
 @pytest.fixture(scope="module", params=[_param(s) for s in CIFAR_SPECS])
 def cifar_case(request):
-    case = Case(request.param)
-    case.torch_state = to_torch(case.state)
+    return with_generated_reference(Case(request.param))
+
+
+def with_generated_reference(case: Case) -> Case:
+    net = load_generated(case.graph).DenseNet()
+    net.load_state_dict(to_torch(case.state))
+    case.reference = net.eval()
     return case
+
+
+def torch_output(case: Case, x: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return case.reference(torch.from_numpy(x)).numpy()
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -124,33 +95,19 @@ def test_torchvision_specs_match_torchvision(torchvision_case, batch):
 
 
 @pytest.mark.parametrize("batch", BATCHES)
-def test_cifar_specs_match_the_torch_walk(cifar_case, batch):
+def test_cifar_specs_match_the_generated_torch_model(cifar_case, batch):
     case = cifar_case
     x = case.inputs(batch)
-    with torch.inference_mode():
-        expected = torch_walk(case.graph, case.torch_state, torch.from_numpy(x)).numpy()
+    expected = torch_output(case, x)
     got = case.run(x)
     assert got.shape == expected.shape == (batch, case.spec.head.classes)
     assert rel_error(got, expected) <= TOLERANCE
 
 
-def test_the_torch_walk_is_torchvision():
-    """The CIFAR reference is only as good as the walk: check it where torchvision exists."""
-    spec, graph = build(spec_path("densenet121"))
-    state = seeded_state(state_dict_shapes(graph), seed=1)
-    net = torchvision_densenet(spec)
-    net.load_state_dict(to_torch(state))
-    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 224, 224), dtype=np.float32))
-    with torch.inference_mode():
-        assert rel_error(torch_walk(graph, to_torch(state), x).numpy(), net.eval()(x).numpy()) <= 1e-6
-
-
 def test_dropout_is_the_identity_at_inference():
-    case = Case("densenet40_k12", ["drop_rate=0.2", "dropout_at=every_conv"])
+    case = with_generated_reference(Case("densenet40_k12", ["drop_rate=0.2", "dropout_at=every_conv"]))
     x = case.inputs(2)
-    with torch.inference_mode():
-        expected = torch_walk(case.graph, to_torch(case.state), torch.from_numpy(x)).numpy()
-    assert rel_error(case.run(x), expected) <= TOLERANCE
+    assert rel_error(case.run(x), torch_output(case, x)) <= TOLERANCE
 
 
 @pytest.mark.cuda
@@ -158,12 +115,10 @@ def test_dropout_is_the_identity_at_inference():
 def test_parity_on_cuda_execution_provider(name):
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime has no CUDAExecutionProvider here")
-    case = Case(name)
+    case = with_generated_reference(Case(name))
     cuda = ort.InferenceSession(case.model, providers=["CUDAExecutionProvider"])
     if cuda.get_providers()[0] != "CUDAExecutionProvider":
         pytest.skip("onnxruntime could not start the CUDAExecutionProvider")
     for batch in BATCHES:
         x = case.inputs(batch)
-        with torch.inference_mode():
-            expected = torch_walk(case.graph, to_torch(case.state), torch.from_numpy(x)).numpy()
-        assert rel_error(case.run(x, cuda), expected) <= CUDA_TOLERANCE
+        assert rel_error(case.run(x, cuda), torch_output(case, x)) <= CUDA_TOLERANCE

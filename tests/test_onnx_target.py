@@ -21,10 +21,10 @@ from dnc.emit_onnx import (
     OUTPUT_NAME,
     emit_onnx,
     initializer_keys,
-    write_onnx,
 )
 from dnc.infer import state_dict_shapes
 from dnc.ir import OpKind, ordered, output
+from dnc.outputs import write_outputs
 from dnc.pipeline import build
 from dnc.weights import seeded_state
 
@@ -143,12 +143,12 @@ def test_compile_onnx_writes_a_loadable_model_and_says_unchanged_the_second_time
     first = run_dnc("compile", spec_path(SMALL), "--target", "onnx", "-o", tmp_path, "--opset", MAX_OPSET)
     assert first.returncode == 0, first.stderr
     path = tmp_path / f"{SMALL}.onnx"
-    assert "wrote" in first.stdout and str(path) in first.stdout
+    assert first.stdout == f"{path}: written\n"
     model = onnx.load(path)
     onnx.checker.check_model(model, full_check=True)
     assert model.opset_import[0].version == MAX_OPSET
     again = run_dnc("compile", spec_path(SMALL), "--target", "onnx", "-o", tmp_path, "--opset", MAX_OPSET)
-    assert again.returncode == 0 and "unchanged" in again.stdout
+    assert again.returncode == 0 and again.stdout == f"{path}: unchanged\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
@@ -263,8 +263,8 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr("dnc.emit_onnx.os.replace", broken_replace)
+    monkeypatch.setattr("dnc.outputs.os.replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
-        write_onnx(model, path)
+        write_outputs({path: model.SerializeToString()})
     assert [p.name for p in tmp_path.iterdir()] == ["net.onnx"]
     assert path.read_bytes() == b"old"

@@ -1,0 +1,93 @@
+"""Generated files: compile specs to their outputs, write them atomically, check them fresh.
+
+Shared by every target. An emitter module has `SUFFIX` (".py", ".onnx") and
+`emit(graph, **options) -> str | bytes`, deterministic for the same graph and options.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import networkx as nx
+
+from dnc.errors import EmitError
+from dnc.pipeline import build
+
+
+def plan_outputs(
+    specs: Sequence[Path],
+    overrides: Sequence[str],
+    emit: Callable[[nx.DiGraph], str | bytes],
+    suffix: str,
+    out_dir: Path,
+) -> dict[Path, bytes]:
+    """Compile every spec in memory: output path -> content. Raises before anything is written."""
+    outputs: dict[Path, bytes] = {}
+    sources: dict[Path, Path] = {}
+    for spec_path in specs:
+        _, graph = build(display_path(spec_path), overrides)
+        content = emit(graph)
+        path = out_dir / f"{graph.graph['name']}{suffix}"
+        if path in outputs:
+            raise EmitError(f"{spec_path} and {sources[path]} both name the network '{graph.graph['name']}' ({path})")
+        outputs[path] = content.encode() if isinstance(content, str) else content
+        sources[path] = spec_path
+    return outputs
+
+
+def display_path(path: Path) -> Path:
+    """The spec path as generated headers name it: relative to the working directory when inside it.
+
+    Headers must not depend on how a user spelled the path, or `--check` would call fresh files stale.
+    """
+    relative = os.path.relpath(path)
+    return Path(relative) if not relative.startswith("..") else Path(os.path.abspath(path))
+
+
+def write_outputs(outputs: dict[Path, bytes]) -> list[Path]:
+    """Write each file whose content changed, via a temporary file renamed over it; return those written."""
+    changed = [path for path, content in outputs.items() if not _same(path, content)]
+    mode = 0o666 & ~_umask()
+    for path in changed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(outputs[path])
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return changed
+
+
+def stale_outputs(outputs: dict[Path, bytes], out_dir: Path, suffix: str, every_spec: bool) -> list[str]:
+    """One line per generated file that is missing or differs; with `every_spec`, also per orphan file."""
+    problems = []
+    for path, content in outputs.items():
+        if not path.is_file():
+            problems.append(f"{path}: missing (not generated yet)")
+        elif not _same(path, content):
+            problems.append(f"{path}: stale (differs from what dnc compile emits)")
+    if every_spec and out_dir.is_dir():
+        for path in sorted(out_dir.glob(f"*{suffix}")):
+            if path not in outputs:
+                problems.append(f"{path}: generated from no spec in specs/ (delete it)")
+    return problems
+
+
+def _same(path: Path, content: bytes) -> bool:
+    try:
+        return path.read_bytes() == content
+    except OSError:
+        return False
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,123 @@
+"""`dnc verify`: run what `dnc compile --target torch` emits and compare it with torchvision.
+
+The generated source is imported from a temporary file, exactly as compiled, given
+the same weights as torchvision's DenseNet of the same configuration (a checkpoint
+or seeded ones), and both run in eval mode on the same seeded input. Where
+torchvision cannot express the spec, the generated model still runs, and its output
+shape and parameter count are checked against static inference. Imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import networkx as nx
+import numpy as np
+import torch
+
+from dnc import emit_torch
+from dnc.errors import DncError
+from dnc.infer import state_dict_shapes
+from dnc.ir import OpKind, ordered, output
+from dnc.reference import to_torch, torchvision_densenet
+from dnc.spec import Spec
+from dnc.weights import network_state
+
+TOLERANCE = 1e-5
+
+
+@dataclass(frozen=True)
+class Outcome:
+    ok: bool
+    line: str
+
+
+def load_generated(graph: nx.DiGraph) -> ModuleType:
+    """Emit the torch source of `graph`, write it to a temporary file and import it as a module."""
+    name = graph.graph["name"]
+    with tempfile.TemporaryDirectory(prefix="dnc-verify-") as tmp:
+        path = Path(tmp) / f"{name}.py"
+        path.write_text(emit_torch.emit(graph))
+        spec = importlib.util.spec_from_file_location(f"dnc_generated_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # as a normal import would, while it runs
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.modules.pop(spec.name, None)
+    return module
+
+
+def check_device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DncError("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
+    return torch.device(device)
+
+
+def verify(
+    spec: Spec,
+    graph: nx.DiGraph,
+    label: str,
+    *,
+    weights: Path | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    batch: int = 2,
+    tolerance: float = TOLERANCE,
+) -> Outcome:
+    """Verify one compiled spec; `label` names it in the result line."""
+    dev = check_device(device)
+    state = network_state(state_dict_shapes(graph), weights, seed)
+    how = f"seeded weights (seed {seed})" if weights is None else f"weights {weights}"
+    tensors = to_torch(state)
+    model = load_generated(graph).DenseNet()
+    model.load_state_dict(tensors, strict=True)
+    model.to(dev).eval()
+    (source,) = [n for n in ordered(graph) if n.op is OpKind.INPUT]
+    shape = (batch, *source.shape)
+    x = torch.from_numpy(np.random.default_rng(seed).standard_normal(shape).astype(np.float32)).to(dev)
+    try:
+        reference = torchvision_densenet(spec)
+    except DncError as err:
+        reference, why = None, err.message
+    # Compare in full float32: TF32 convolutions would differ by far more than the tolerance.
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            out = model(x)
+            if reference is not None:
+                reference.load_state_dict(tensors, strict=True)
+                ref = reference.to(dev).eval()(x)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    where = f"{how}, input {tuple(shape)} on {dev.type}"
+    if reference is None:
+        return _check_inference(model, out, graph, batch, f"{label}: no torchvision reference ({why}); {where}")
+    abs_err = (out - ref).abs().max().item()
+    rel_err = abs_err / max(ref.abs().max().item(), torch.finfo(torch.float32).tiny)
+    ok = rel_err <= tolerance and bool(torch.isfinite(out).all())
+    verdict = "ok" if ok else f"MISMATCH (tolerance {tolerance:g})"
+    line = f"{label}: vs torchvision, {where}: max abs error {abs_err:.3g}, max rel error {rel_err:.3g}: {verdict}"
+    return Outcome(ok, line)
+
+
+def _check_inference(model: torch.nn.Module, out: torch.Tensor, graph: nx.DiGraph, batch: int, head: str) -> Outcome:
+    want_shape = (batch, *output(graph).shape)
+    want_params = sum(n.params for n in ordered(graph))
+    params = sum(p.numel() for p in model.parameters())
+    problems = []
+    if tuple(out.shape) != want_shape:
+        problems.append(f"output {tuple(out.shape)}, inference says {want_shape}")
+    if params != want_params:
+        problems.append(f"{params:,} parameters, inference says {want_params:,}")
+    if not torch.isfinite(out).all():
+        problems.append("non-finite outputs")
+    if problems:
+        return Outcome(False, f"{head}: " + "; ".join(problems) + ": MISMATCH")
+    return Outcome(True, f"{head}: output {want_shape} and {params:,} parameters as inferred: ok")

@@ -1,0 +1,124 @@
+"""`dnc verify`: the real command, with seeded weights, .pth and .safetensors checkpoints."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from conftest import run_dnc
+from safetensors.torch import save_file
+
+from dnc.pipeline import build
+from dnc.reference import torchvision_densenet
+
+# A small network torchvision can express, so the tests stay quick on two cores.
+SMALL = """\
+version: 1
+name: small
+input: {channels: 3, size: [64, 64]}
+growth_rate: 12
+bn_size: 4
+blocks: [2, 3, 2]
+head: {classes: 7}
+"""
+
+
+@pytest.fixture
+def small(write_spec):
+    return write_spec(SMALL, "small.yaml")
+
+
+def torchvision_state(path) -> dict[str, torch.Tensor]:
+    spec, _ = build(path)
+    torch.manual_seed(0)
+    model = torchvision_densenet(spec)
+    for m in model.modules():  # non-trivial BN statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.state_dict()
+
+
+def test_verify_seeded_against_torchvision(small):
+    result = run_dnc("verify", small, "--seed", "3", "--batch", "1")
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip()
+    assert "vs torchvision, seeded weights (seed 3), input (1, 3, 64, 64) on cpu" in line
+    assert line.endswith(": ok")
+    rel = float(re.search(r"max rel error ([^:]+):", line).group(1))
+    assert rel <= 1e-5
+
+
+def test_verify_pth_old_and_new_keys(small, tmp_path):
+    state = torchvision_state(small)
+    torch.save(state, tmp_path / "new.pth")
+    old = {re.sub(r"(denselayer\d+\.(?:norm|conv))([12])\.", r"\1.\2.", k): v for k, v in state.items()}
+    assert "features.denseblock1.denselayer1.conv.2.weight" in old
+    torch.save({"state_dict": old}, tmp_path / "old.pth")
+    oldest = {k: v for k, v in old.items() if not k.endswith("num_batches_tracked")}  # before PyTorch 0.4
+    torch.save(oldest, tmp_path / "oldest.pth")
+    for name in ("new.pth", "old.pth", "oldest.pth"):
+        result = run_dnc("verify", small, "--weights", tmp_path / name)
+        assert result.returncode == 0, result.stderr
+        assert f"weights {tmp_path / name}" in result.stdout
+        assert result.stdout.strip().endswith(": ok")
+
+
+def test_verify_safetensors(small, tmp_path):
+    save_file({k: v.contiguous() for k, v in torchvision_state(small).items()}, tmp_path / "w.safetensors")
+    result = run_dnc("verify", small, "--weights", tmp_path / "w.safetensors")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith(": ok")
+
+
+def test_verify_wrong_checkpoint_is_one_line(small, tmp_path, write_spec):
+    other = write_spec(SMALL.replace("growth_rate: 12", "growth_rate: 8"), "other.yaml")
+    torch.save(torchvision_state(other), tmp_path / "other.pth")
+    result = run_dnc("verify", small, "--weights", tmp_path / "other.pth")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "other.pth: error: checkpoint does not fit the network" in result.stderr
+    assert "of another shape" in result.stderr
+
+
+def test_verify_without_torchvision_reference():
+    result = run_dnc("verify", "specs/densenet40_k12.yaml", "--batch", "1")
+    assert result.returncode == 0, result.stderr
+    assert "no torchvision reference" in result.stdout
+    assert "output (1, 10) and 1,019,722 parameters as inferred: ok" in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_verify_cuda_without_cuda(small):
+    result = run_dnc("verify", small, "--device", "cuda")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "dnc: error: --device cuda: no CUDA device is available here (torch.cuda.is_available() is False)"
+    )
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_verify_on_cuda(small):
+    result = run_dnc("verify", small, "--device", "cuda")
+    assert result.returncode == 0, result.stderr
+    assert "on cuda" in result.stdout
+
+
+def test_verify_mismatch_exits_1(small, monkeypatch, tmp_path):
+    """A generated model that computes something else fails verification with exit 1."""
+    import dnc.verify
+
+    _, graph = build(small)
+    module = dnc.verify.load_generated(graph)
+
+    class Broken(module.DenseNet):
+        def forward(self, x):
+            return super().forward(x) * 1.001
+
+    monkeypatch.setattr(dnc.verify, "load_generated", lambda g: type("M", (), {"DenseNet": Broken}))
+    spec, graph = build(small)
+    outcome = dnc.verify.verify(spec, graph, "small")
+    assert not outcome.ok
+    assert "MISMATCH" in outcome.line
