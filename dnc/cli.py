@@ -282,7 +282,8 @@ def diff(a, b, overrides, fmt):
 @report_errors
 def graph(spec, overrides, detail, fmt, output):
     """Draw the architecture: DOT or Mermaid source, or SVG/PNG through Graphviz `dot`."""
-    from dnc.graph import IMAGE_FORMATS, picture, render_image, render_text, write_atomic
+    from dnc.graph import IMAGE_FORMATS, picture, render_image, render_text
+    from dnc.outputs import write_outputs
 
     spec_model, ir = build(spec, overrides)
     text = render_text(picture(ir, detail), "dot" if fmt in IMAGE_FORMATS else fmt)
@@ -291,7 +292,7 @@ def graph(spec, overrides, detail, fmt, output):
         return
     data = render_image(text, fmt) if fmt in IMAGE_FORMATS else text.encode()
     output = output or Path(f"{spec_model.name}.{fmt}")
-    write_atomic(output, data)
+    write_outputs({output: data})
     click.echo(f"wrote {output}", err=True)
 
 

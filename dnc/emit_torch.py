@@ -11,21 +11,17 @@ pasted in raw. No torch here: compiling stays fast and works without it.
 from __future__ import annotations
 
 import builtins
-import functools
 import keyword
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
-import jinja2
 import networkx as nx
 
-import dnc
 from dnc.errors import EmitError
 from dnc.ir import BatchNormAttrs, ConvAttrs, Node, OpKind, PoolAttrs, ordered
+from dnc.jinja import environment
 
 SUFFIX = ".py"
-TEMPLATES = Path(dnc.__file__).resolve().parents[1] / "templates"
 TEMPLATE = "torch/model.py.j2"
 
 # Names the generated module defines or imports: a network may not be called one of these.
@@ -35,19 +31,7 @@ _TAKEN |= {"PlainDenseLayer", "Transition", "upgrade_state_dict", "any_requires_
 
 def emit(graph: nx.DiGraph) -> str:
     """The PyTorch source of the inferred IR `graph`."""
-    return _environment().get_template(TEMPLATE).render(**view(graph))
-
-
-@functools.cache
-def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=False,  # Python source, not HTML: values are made safe in `view` instead
-    )
+    return environment().get_template(TEMPLATE).render(**view(graph))
 
 
 @dataclass(frozen=True)

@@ -10,21 +10,17 @@ templates/graph/ only loop and substitute. SVG and PNG come from Graphviz `dot`.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import jinja2
 import networkx as nx
 
 from dnc.errors import DncError
 from dnc.ir import Node, OpKind, inputs, node, ordered, output
+from dnc.jinja import environment
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "graph"
 TEXT_FORMATS = ("dot", "mermaid")
 IMAGE_FORMATS = ("svg", "png")
 NO_DOT = (
@@ -195,15 +191,7 @@ def _view(p: Picture, fmt: str) -> dict:
 
 def render_text(p: Picture, fmt: str) -> str:
     """DOT or Mermaid source of a picture."""
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=False,
-    )
-    return env.get_template(f"graph.{fmt}.j2").render(_view(p, fmt))
+    return environment().get_template(f"graph/graph.{fmt}.j2").render(_view(p, fmt))
 
 
 def render_image(dot: str, fmt: str) -> bytes:
@@ -216,22 +204,3 @@ def render_image(dot: str, fmt: str) -> bytes:
         lines = done.stderr.decode(errors="replace").strip().splitlines() or [f"exit status {done.returncode}"]
         raise DncError(f"Graphviz 'dot' failed: {lines[0]}")
     return done.stdout
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file beside `path` and rename, so a reader never sees half a file."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    except OSError as err:
-        raise DncError(f"cannot write {path}: {err.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the mode a new file gets
-        os.replace(tmp, path)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        raise DncError(f"cannot write {path}: {err.strerror}") from None

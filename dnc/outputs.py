@@ -13,7 +13,7 @@ from pathlib import Path
 
 import networkx as nx
 
-from dnc.errors import EmitError
+from dnc.errors import EmitError, Location
 from dnc.pipeline import build
 
 
@@ -48,20 +48,25 @@ def display_path(path: Path) -> Path:
 
 
 def write_outputs(outputs: dict[Path, bytes]) -> list[Path]:
-    """Write each file whose content changed, via a temporary file renamed over it; return those written."""
+    """Write each file whose content changed, via a temporary file renamed over it; return those written.
+
+    A reader never sees half a file, and a failed write leaves the old file as it was.
+    """
     changed = [path for path, content in outputs.items() if not _same(path, content)]
-    mode = 0o666 & ~_umask()
+    mode = 0o666 & ~_umask()  # mkstemp makes files private; give the mode a new file gets
     for path in changed:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 f.write(outputs[path])
             os.chmod(tmp, mode)
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        except OSError as err:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            raise EmitError(f"cannot write: {err.strerror or err}", Location(str(path))) from None
     return changed
 
 

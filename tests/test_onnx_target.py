@@ -22,6 +22,7 @@ from dnc.emit_onnx import (
     emit_onnx,
     initializer_keys,
 )
+from dnc.errors import EmitError
 from dnc.infer import state_dict_shapes
 from dnc.ir import OpKind, ordered, output
 from dnc.outputs import write_outputs
@@ -264,7 +265,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
         raise OSError("disk full")
 
     monkeypatch.setattr("dnc.outputs.os.replace", broken_replace)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(EmitError, match="cannot write: disk full"):
         write_outputs({path: model.SerializeToString()})
     assert [p.name for p in tmp_path.iterdir()] == ["net.onnx"]
     assert path.read_bytes() == b"old"
