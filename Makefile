@@ -1,5 +1,5 @@
 # Two entry points, each setting everything up first:
-#   make zoo    compile every spec in specs/ and verify it against torchvision (the main job)
+#   make zoo    compile every spec in specs/ to PyTorch and ONNX and verify both (the main job)
 #   make test   run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -21,14 +21,16 @@ $(STAMP): pyproject.toml
 
 zoo: setup
 	$(BIN)/dnc validate specs/*.yaml
-	$(BIN)/dnc compile --check
-	$(BIN)/dnc verify specs/*.yaml
+	$(BIN)/dnc compile --target torch
+	$(BIN)/dnc compile --target onnx
+	$(BIN)/dnc verify specs/*.yaml --target torch
+	$(BIN)/dnc verify specs/*.yaml --target onnx
 
 test: setup
 	$(BIN)/python -m pytest
 
 generate: setup
-	$(BIN)/dnc compile specs/*.yaml --target torch
+	$(BIN)/dnc compile --target torch
 
 lint: setup
 	$(BIN)/ruff check dnc tests benchmarks generated
@@ -36,6 +38,8 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/summary_speed.py
+	$(BIN)/python benchmarks/compile_speed.py
+	$(BIN)/python benchmarks/onnx_vs_torch_export.py --specs densenet121 densenet264
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

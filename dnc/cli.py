@@ -204,24 +204,31 @@ def _all_specs() -> list[Path]:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the input (and of the weights).")
 @click.option("--batch", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--target", default="torch", show_default=True, help=f"What to run: one of {', '.join(TARGETS)}.")
 @report_errors
-def verify(specs, overrides, weights, device, seed, batch):
-    """Run the generated PyTorch model and compare it with torchvision's DenseNet.
+def verify(specs, overrides, weights, device, seed, batch, target):
+    """Run what dnc compile emits and compare it with torchvision's DenseNet.
 
-    Both get the same weights (--weights, or seeded random ones with randomised BN
-    statistics) and the same seeded input, in eval mode. Exit 0 if every spec agrees
-    within a relative error of 1e-5, 1 if one does not. Specs torchvision cannot
-    express are checked against inference (output shape, parameter count) instead.
+    --target torch runs the generated PyTorch model, --target onnx the ONNX model on
+    onnxruntime. Both sides get the same weights (--weights, or seeded random ones with
+    randomised BN statistics) and the same seeded input, in eval mode. Exit 0 if every
+    spec agrees within a relative error of 1e-5, 1 if one does not. Where torchvision
+    cannot express a spec, the ONNX model is compared with the generated PyTorch model,
+    and the PyTorch model is checked against inference (output shape, parameter count).
     """
     from dnc.outputs import display_path
     from dnc.verify import check_device
     from dnc.verify import verify as verify_one
 
+    if target not in TARGETS:
+        raise DncError(f"unknown target '{target}': expected one of {', '.join(TARGETS)}")
     check_device(device)
     failed = 0
     for path in specs:
         spec, graph = build(display_path(path), overrides)
-        outcome = verify_one(spec, graph, str(path), weights=weights, device=device, seed=seed, batch=batch)
+        outcome = verify_one(
+            spec, graph, str(path), target=target, weights=weights, device=device, seed=seed, batch=batch
+        )
         click.echo(outcome.line)
         failed += not outcome.ok
     sys.exit(1 if failed else 0)

@@ -1,14 +1,16 @@
-"""`dnc verify`: run what `dnc compile --target torch` emits and compare it with torchvision.
+"""`dnc verify`: run what `dnc compile` emits and compare it with torchvision.
 
 The generated source is imported from a temporary file, exactly as compiled, given
 the same weights as torchvision's DenseNet of the same configuration (a checkpoint
 or seeded ones), and both run in eval mode on the same seeded input. Where
 torchvision cannot express the spec, the generated model still runs, and its output
-shape and parameter count are checked against static inference. Imports torch.
+shape and parameter count are checked against static inference. `--target onnx`
+runs the emitted ONNX model on onnxruntime instead. Imports torch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import tempfile
@@ -64,47 +66,75 @@ def verify(
     graph: nx.DiGraph,
     label: str,
     *,
+    target: str = "torch",
     weights: Path | None = None,
     device: str = "cpu",
     seed: int = 0,
     batch: int = 2,
     tolerance: float = TOLERANCE,
 ) -> Outcome:
-    """Verify one compiled spec; `label` names it in the result line."""
+    """Verify one compiled spec for `target` (torch or onnx); `label` names it in the result line.
+
+    The reference is torchvision's DenseNet. Where torchvision cannot express the
+    spec, an ONNX model is compared with the generated PyTorch model (itself checked
+    against inference), and a PyTorch model is checked against inference alone.
+    """
     dev = check_device(device)
     state = network_state(state_dict_shapes(graph), weights, seed)
     how = f"seeded weights (seed {seed})" if weights is None else f"weights {weights}"
     tensors = to_torch(state)
-    model = load_generated(graph).DenseNet()
-    model.load_state_dict(tensors, strict=True)
-    model.to(dev).eval()
+    generated = load_generated(graph).DenseNet()
+    generated.load_state_dict(tensors, strict=True)
+    generated.to(dev).eval()
     (source,) = [n for n in ordered(graph) if n.op is OpKind.INPUT]
     shape = (batch, *source.shape)
     x = torch.from_numpy(np.random.default_rng(seed).standard_normal(shape).astype(np.float32)).to(dev)
     try:
-        reference = torchvision_densenet(spec)
+        reference, against = torchvision_densenet(spec), "torchvision"
+        reference.load_state_dict(tensors, strict=True)
+        reference.to(dev).eval()
     except DncError as err:
         reference, why = None, err.message
-    # Compare in full float32: TF32 convolutions would differ by far more than the tolerance.
-    tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        with torch.no_grad():
-            out = model(x)
-            if reference is not None:
-                reference.load_state_dict(tensors, strict=True)
-                ref = reference.to(dev).eval()(x)
-    finally:
-        torch.backends.cudnn.allow_tf32 = tf32
+        if target == "onnx":
+            reference, against = generated, f"the generated PyTorch model ({why})"
+    with _full_float32(), torch.no_grad():
+        out = generated(x) if target == "torch" else torch.from_numpy(_run_onnx(graph, state, x, device)).to(dev)
+        ref = reference(x) if reference is not None else None
     where = f"{how}, input {tuple(shape)} on {dev.type}"
-    if reference is None:
-        return _check_inference(model, out, graph, batch, f"{label}: no torchvision reference ({why}); {where}")
+    if target == "onnx":
+        label = f"{label} (onnx, onnxruntime)"
+    if ref is None:
+        return _check_inference(generated, out, graph, batch, f"{label}: no torchvision reference ({why}); {where}")
     abs_err = (out - ref).abs().max().item()
     rel_err = abs_err / max(ref.abs().max().item(), torch.finfo(torch.float32).tiny)
     ok = rel_err <= tolerance and bool(torch.isfinite(out).all())
     verdict = "ok" if ok else f"MISMATCH (tolerance {tolerance:g})"
-    line = f"{label}: vs torchvision, {where}: max abs error {abs_err:.3g}, max rel error {rel_err:.3g}: {verdict}"
+    line = f"{label}: vs {against}, {where}: max abs error {abs_err:.3g}, max rel error {rel_err:.3g}: {verdict}"
     return Outcome(ok, line)
+
+
+@contextlib.contextmanager
+def _full_float32():
+    # Compare in full float32: TF32 convolutions would differ by far more than the tolerance.
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _run_onnx(graph: nx.DiGraph, state: dict, x: torch.Tensor, device: str) -> np.ndarray:
+    """What `dnc compile --target onnx` emits for these weights, run on onnxruntime."""
+    import onnxruntime as ort
+
+    from dnc.emit_onnx import INPUT_NAME, emit_onnx
+
+    provider = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
+    if provider not in ort.get_available_providers():
+        raise DncError(f"--device {device}: onnxruntime here has no {provider}")
+    session = ort.InferenceSession(emit_onnx(graph, state).SerializeToString(), providers=[provider])
+    return session.run(None, {INPUT_NAME: x.cpu().numpy()})[0]
 
 
 def _check_inference(model: torch.nn.Module, out: torch.Tensor, graph: nx.DiGraph, batch: int, head: str) -> Outcome:

@@ -89,6 +89,31 @@ def test_verify_without_torchvision_reference():
     assert "output (1, 10) and 1,019,722 parameters as inferred: ok" in result.stdout
 
 
+def test_verify_onnx_against_torchvision_with_a_checkpoint(small, tmp_path):
+    ckpt = tmp_path / "small.pth"
+    torch.save(torchvision_state(small), ckpt)
+    result = run_dnc("verify", small, "--target", "onnx", "--weights", ckpt, "--batch", "3")
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip()
+    assert line.startswith(f"{small} (onnx, onnxruntime): vs torchvision, weights {ckpt}, input (3, 3, 64, 64) on cpu")
+    assert float(re.search(r"max rel error ([^:]+):", line).group(1)) <= 1e-5 and line.endswith(": ok")
+
+
+def test_verify_onnx_without_torchvision_compares_with_the_generated_model():
+    result = run_dnc("verify", "specs/densenet40_k12.yaml", "--target", "onnx", "--batch", "2")
+    assert result.returncode == 0, result.stderr
+    assert "(onnx, onnxruntime): vs the generated PyTorch model (torchvision's DenseNet cannot express" in result.stdout
+    assert float(re.search(r"max rel error ([^:]+):", result.stdout).group(1)) <= 1e-5
+
+
+def test_verify_unknown_target(small):
+    result = run_dnc("verify", small, "--target", "tensorflow")
+    assert (result.returncode, result.stderr) == (
+        2,
+        "dnc: error: unknown target 'tensorflow': expected one of torch, onnx\n",
+    )
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
 def test_verify_cuda_without_cuda(small):
     result = run_dnc("verify", small, "--device", "cuda")
