@@ -1,3 +1,3 @@
-from dnc.cli import main
+from dnc.cli import run
 
-main()
+run()

@@ -303,5 +303,19 @@ def graph(spec, overrides, detail, fmt, output):
     click.echo(f"wrote {output}", err=True)
 
 
+def run() -> None:
+    """The console entry point: click's own usage errors become one line and exit 2 too."""
+    try:
+        code = main.main(prog_name="dnc", standalone_mode=False)
+    except click.ClickException as err:  # a bad option, a missing argument, a bad choice
+        ctx = getattr(err, "ctx", None)
+        where = ctx.command_path if ctx else "dnc"
+        click.echo(f"{where}: error: {err.format_message()} (see {where} --help)", err=True)
+        sys.exit(EXIT_ERROR)
+    except click.Abort:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -66,14 +66,22 @@ def _read_torch(path: Path, where: Location) -> dict[str, np.ndarray]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise WeightsError(f"not a weights-only torch checkpoint: {first}", where) from None
+        raise WeightsError(f"not a weights-only torch checkpoint: {_torch_load_reason(err)}", where) from None
     for wrapper in _WRAPPERS:
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError("expected a state dict (a mapping of names to tensors)", where)
     return {k: v.detach().cpu().numpy() for k, v in obj.items()}
+
+
+def _torch_load_reason(err: Exception) -> str:
+    """The cause inside torch.load's message, without its advice to load with weights_only=False."""
+    text = str(err).strip()
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+        return " ".join(text.split()) + " (dnc loads weights only, never code)"
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def check_state(state: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]], source: str) -> None:

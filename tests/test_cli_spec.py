@@ -232,3 +232,30 @@ def test_schema_is_a_json_schema_of_the_format():
     for key in ("extends", "stem", "bn_size", "compression", "drop_rate", "dropout_at", "head", "memory_efficient"):
         assert key in schema["properties"], key
     assert schema["$defs"]["Stem"]["properties"]["kind"]["enum"] == ["imagenet", "cifar", "deep"]
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["summary"], "dnc summary: error: Missing argument 'SPEC'. (see dnc summary --help)"),
+        (["frobnicate"], "dnc: error: No such command 'frobnicate'. (see dnc --help)"),
+        (
+            ["summary", "specs/densenet121.yaml", "--format", "xml"],
+            "dnc summary: error: Invalid value for '--format': 'xml' is not one of 'table', 'json'. "
+            "(see dnc summary --help)",
+        ),
+        (
+            ["validate", "specs/densenet121.yaml", "--sett", "x=1"],
+            "dnc validate: error: No such option '--sett'. Did you mean '--set'?",
+        ),
+    ],
+)
+def test_usage_errors_are_one_line_too(args, line):
+    assert one_error_line(run_dnc(*args)).startswith(line)
+
+
+def test_help_and_version_exit_0():
+    assert run_dnc("--help").returncode == 0
+    assert run_dnc("compile", "--help").returncode == 0
+    version = run_dnc("--version")
+    assert version.returncode == 0 and "0.1.0" in version.stdout
