@@ -171,7 +171,8 @@ def _block(stage: str, members: list[Node], kinds: set[str]) -> Block:
     first = _int(next(iter(layers.values()))["norm1"].shape[0])  # each layer was checked to have norm1
     out = _int(_only(members, f"features.{stage}.cat").shape[0])
     growth = " and ".join(_int(g) for g in sorted(growths))
-    return Block(stage, f"{len(entries)} layers of growth {growth}, {first} -> {out} channels", entries)
+    count = f"{len(entries)} layer{'s' if len(entries) != 1 else ''}"
+    return Block(stage, f"{count} of growth {growth}, {first} -> {out} channels", entries)
 
 
 _BOTTLENECK = {"norm1", "relu1", "conv1", "norm2", "relu2", "conv2"}
