@@ -155,8 +155,8 @@ def _normalise_blocks(mapping: dict[str, Any], path: Path, doc: Document) -> dic
     """`blocks: [6, 12]` is shorthand for `blocks: [{layers: 6}, {layers: 12}]`."""
     if path == () and isinstance(mapping.get("blocks"), list):
         for i, item in enumerate(mapping["blocks"]):
-            if isinstance(item, int) and not isinstance(item, bool):
-                mapping["blocks"][i] = {"layers": item}
+            mapping["blocks"][i] = _block_shorthand(item)
+            if mapping["blocks"][i] is not item:
                 doc.values[("blocks", i, "layers")] = doc.values[("blocks", i)]
     return mapping
 
@@ -204,8 +204,14 @@ def parse_override(text: str) -> tuple[Path, Any]:
     except MarkedYAMLError as err:
         raise SpecError(f"value is not valid YAML: {err.problem}", where) from None
     if isinstance(value, list) and path == ("blocks",):
-        value = [{"layers": v} if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+        value = [_block_shorthand(v) for v in value]
+    elif len(path) == 2 and path[0] == "blocks":
+        value = _block_shorthand(value)
     return path, value
+
+
+def _block_shorthand(value: Any) -> Any:
+    return {"layers": value} if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def _apply_override(doc: Document, text: str) -> None:
@@ -266,6 +272,8 @@ def _spec_error(err: ValidationError, doc: Document, path: FsPath) -> SpecError:
         return SpecError(f"missing required field '{dotted}'{suffix}", _nearest(doc.values, loc))
 
     message = first["msg"]
+    if kind == "model_type":  # pydantic says "a valid dictionary or instance of Stem"
+        message = "expected a mapping of fields"
     if kind in ("too_short", "too_long"):
         ctx = first["ctx"]
         bound = "at least" if kind == "too_short" else "at most"

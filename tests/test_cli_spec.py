@@ -137,6 +137,9 @@ def test_bad_overrides(tmp_path):
     assert "no such field" in one_error_line(run_dnc("summary", spec, "--set", "blocks.9=3"))
     assert "expected --set path.to.field=value" in one_error_line(run_dnc("summary", spec, "--set", "growth_rate"))
     assert "unknown key 'growth'" in one_error_line(run_dnc("summary", spec, "--set", "growth=3"))
+    assert one_error_line(run_dnc("summary", spec, "--set", "stem=cifar")) == (
+        "--set stem=cifar: error: stem: expected a mapping of fields, got 'cifar'"
+    )
 
 
 def test_missing_file():

@@ -142,3 +142,8 @@ def test_load_errors_are_spec_errors_with_locations(write_spec):
     with pytest.raises(SpecError) as info:
         load_spec(write_spec(MINIMAL.replace("growth_rate: 12", "growth_rate: 0")))
     assert (info.value.location.line, info.value.location.col) == (3, 14)
+
+
+def test_set_takes_the_block_shorthand_too():
+    spec = load_spec(spec_path("densenet121"), ["blocks.1=5"])
+    assert [b.layers for b in spec.blocks] == [6, 5, 24, 16]
