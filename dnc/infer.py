@@ -35,7 +35,11 @@ def infer(graph: nx.DiGraph) -> nx.DiGraph:
         if n.op not in RULES:
             raise ShapeError(f"no shape rule for op '{n.op.value}' (node {n.scope})", n.origin)
         shapes = [graph.nodes[src]["node"].shape for src in inputs(graph, n.scope)]
-        result = RULES[n.op](n, shapes)
+        try:
+            result = RULES[n.op](n, shapes)
+        except ShapeError as err:  # name the size the user chose: usually what to change
+            source = next(m for m in ordered(graph) if m.op is OpKind.INPUT)
+            raise ShapeError(f"{err.message}; network input {_fmt(source.shape)}", err.location) from None
         replace_node(graph, n.replace(shape=result.shape, params=result.params, macs=result.macs))
     verify(graph, inferred=True)
     return graph
@@ -60,9 +64,7 @@ def _feature_map(n: Node, shapes: list[Shape]) -> Shape:
 def _window(n: Node, shapes: list[Shape], size: int, kernel: int, stride: int, padding: int) -> int:
     out = (size + 2 * padding - kernel) // stride + 1
     if size + 2 * padding < kernel or out < 1:
-        raise _fail(
-            n, shapes, f"would shrink {size} to nothing ({kernel}x{kernel} window, stride {stride}): input too small"
-        )
+        raise _fail(n, shapes, f"would shrink {size} to nothing ({kernel}x{kernel} window, stride {stride})")
     return out
 
 

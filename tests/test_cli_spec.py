@@ -89,7 +89,8 @@ BAD_SPECS = [
         "input too small",
         GOOD.replace("[64, 64]", "[4, 4]"),
         "5:10",
-        "stage transition1: features.transition1.pool (avgpool) would shrink 1 to nothing",
+        "stage transition1: features.transition1.pool (avgpool) would shrink 1 to nothing (2x2 window, stride 2) "
+        "(input 44x1x1); network input 3x4x4",
     ),
     ("bad name", GOOD + "name: DenseNet-X\n", "6:7", "name: expected a lower-case identifier"),
 ]
