@@ -30,6 +30,7 @@ CHILD = r"""
 import json, resource, sys, time
 import torch
 from dnc.infer import state_dict_shapes
+from dnc.ir import graph_input
 from dnc.pipeline import build
 from dnc.reference import to_torch, torchvision_densenet
 from dnc.verify import load_generated
@@ -44,7 +45,7 @@ model = torchvision_densenet(spec) if which == "torchvision" else load_generated
 model.load_state_dict(state)
 memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
 model = model.to(memory_format=memory_format).train(mode == "train")
-x = torch.randn(batch, *graph.nodes["input"]["node"].shape, generator=torch.Generator().manual_seed(0))
+x = torch.randn(batch, *graph_input(graph).shape, generator=torch.Generator().manual_seed(0))
 x = x.contiguous(memory_format=memory_format)
 
 

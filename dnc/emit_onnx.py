@@ -30,7 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 from dnc import __version__
 from dnc.errors import EmitError
 from dnc.infer import state_dict_shapes
-from dnc.ir import Node, OpKind, inputs, ordered, output
+from dnc.ir import Node, OpKind, graph_input, inputs, ordered, output
 from dnc.weights import network_state
 
 MIN_OPSET = 13  # from 13 on, each op emitted here means the same at inference in every opset
@@ -81,7 +81,7 @@ def emit_onnx(graph: nx.DiGraph, state: Mapping[str, np.ndarray], opset: int = D
     if missing:
         raise EmitError(f"no weights for {len(missing)} parameters (first: {missing[0]})")
     initializers = [numpy_helper.from_array(np.asarray(state[k], dtype=np.float32), k) for k in used]
-    first, last = _input_node(graph), output(graph)
+    first, last = graph_input(graph), output(graph)
     x = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [BATCH, *first.shape])
     y = helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [BATCH, *last.shape])
     name = graph.graph.get("name", "densenet")
@@ -97,11 +97,6 @@ def emit_onnx(graph: nx.DiGraph, state: Mapping[str, np.ndarray], opset: int = D
     )
     helper.set_model_props(model, {"dnc.spec": graph.graph.get("source", ""), "dnc.network": name})
     return model
-
-
-def _input_node(graph: nx.DiGraph) -> Node:
-    (first,) = [n for n in ordered(graph) if n.op is OpKind.INPUT]
-    return first
 
 
 def _param_keys(n: Node) -> list[str]:

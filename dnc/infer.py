@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from dnc.errors import ShapeError
-from dnc.ir import Node, OpKind, Shape, inputs, ordered, replace_node, verify
+from dnc.ir import Node, OpKind, Shape, graph_input, inputs, ordered, replace_node, verify
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,7 @@ def infer(graph: nx.DiGraph) -> nx.DiGraph:
         try:
             result = RULES[n.op](n, shapes)
         except ShapeError as err:  # name the size the user chose: usually what to change
-            source = next(m for m in ordered(graph) if m.op is OpKind.INPUT)
-            raise ShapeError(f"{err.message}; network input {_fmt(source.shape)}", err.location) from None
+            raise ShapeError(f"{err.message}; network input {_fmt(graph_input(graph).shape)}", err.location) from None
         replace_node(graph, n.replace(shape=result.shape, params=result.params, macs=result.macs))
     verify(graph, inferred=True)
     return graph

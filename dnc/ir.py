@@ -144,6 +144,14 @@ def stages(graph: nx.DiGraph) -> list[str]:
     return list(seen)
 
 
+def graph_input(graph: nx.DiGraph) -> Node:
+    """The network's one INPUT node."""
+    found = [n for n in graph if graph.nodes[n]["node"].op is OpKind.INPUT]
+    if len(found) != 1:
+        raise IRError(f"expected one input node, found {sorted(found)}")
+    return node(graph, found[0])
+
+
 def output(graph: nx.DiGraph) -> Node:
     sinks = [n for n in graph if graph.out_degree(n) == 0]
     if len(sinks) != 1:

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import networkx as nx
 
-from dnc.ir import OpKind, Shape, inputs, node, ordered, output
+from dnc.ir import OpKind, Shape, graph_input, inputs, node, ordered, output
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,9 @@ def summarize(graph: nx.DiGraph) -> Summary:
                 macs=sum(n.macs for n in nodes),
             )
         )
-    source = [n for n in ordered(graph) if n.op is OpKind.INPUT][0]
     return Summary(
         name=graph.graph["name"],
-        input_shape=source.shape,
+        input_shape=graph_input(graph).shape,
         output_shape=output(graph).shape,
         params=sum(r.params for r in rows),
         macs=sum(r.macs for r in rows),

@@ -25,7 +25,7 @@ import torch
 from dnc import emit_torch
 from dnc.errors import DncError
 from dnc.infer import state_dict_shapes
-from dnc.ir import OpKind, ordered, output
+from dnc.ir import graph_input, ordered, output
 from dnc.reference import to_torch, torchvision_densenet
 from dnc.spec import Spec
 from dnc.weights import network_state
@@ -86,8 +86,7 @@ def verify(
     generated = load_generated(graph).DenseNet()
     generated.load_state_dict(tensors, strict=True)
     generated.to(dev).eval()
-    (source,) = [n for n in ordered(graph) if n.op is OpKind.INPUT]
-    shape = (batch, *source.shape)
+    shape = (batch, *graph_input(graph).shape)
     x = torch.from_numpy(np.random.default_rng(seed).standard_normal(shape).astype(np.float32)).to(dev)
     try:
         reference, against = torchvision_densenet(spec), "torchvision"

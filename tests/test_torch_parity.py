@@ -13,7 +13,7 @@ import torch
 from conftest import CIFAR_SPECS, ROOT, TORCHVISION_SPECS, import_file, spec_path
 
 from dnc.infer import state_dict_shapes
-from dnc.ir import OpKind, ordered, output
+from dnc.ir import graph_input, ordered, output
 from dnc.pipeline import build
 from dnc.reference import to_torch, torchvision_densenet
 from dnc.weights import seeded_state
@@ -97,8 +97,7 @@ def test_cifar_shapes_and_params_as_inferred(name):
     _, graph = build(spec_path(name))
     model = import_file(ROOT / "generated" / f"{name}.py").DenseNet()
     model.load_state_dict(to_torch(seeded_state(state_dict_shapes(graph))), strict=True)
-    (source,) = [n for n in ordered(graph) if n.op is OpKind.INPUT]
-    x = torch.randn(2, *source.shape, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, *graph_input(graph).shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = model.eval()(x)
         blocks = model.forward_blocks(x)
