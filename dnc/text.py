@@ -1,0 +1,73 @@
+"""Text from outside (a spec, a file name, an argument) made safe for where it goes.
+
+Every place dnc echoes or emits such text calls one of these; none of them trusts
+its input. Kept free of heavy imports: the CLI's error path uses it.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+
+# Characters that change how a terminal, log or editor shows what follows them:
+# C0/C1 controls (ESC starts ANSI and OSC sequences), line and paragraph
+# separators, and the bidirectional overrides and isolates ("Trojan Source").
+_BIDI = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029" + _BIDI + "]")
+
+
+def _escape_char(match: re.Match) -> str:
+    ch = match.group(0)
+    code = ord(ch)
+    if ch == "\n":
+        return "\\n"
+    if ch == "\r":
+        return "\\r"
+    if ch == "\t":
+        return "\\t"
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def visible(text: str) -> str:
+    """`text` on one line with every control, separator and bidi character shown escaped, as `repr` would.
+
+    Backslashes are doubled so an escape that was in the input cannot pass for one made here.
+    """
+    text = str(text).replace("\\", "\\\\")
+    return _UNSAFE.sub(_escape_char, text)
+
+
+def is_plain(text: str) -> bool:
+    """True when `visible` would leave `text` unchanged."""
+    return "\\" not in text and not _UNSAFE.search(text)
+
+
+def quoted(text: str, limit: int = 80) -> str:
+    """`'text'` for a one-line message, made visible and cut to `limit` characters."""
+    shown = visible(text)
+    if len(shown) > limit:
+        shown = shown[: limit - 1] + "…"
+    return f"'{shown}'"
+
+
+def comment_safe(text: str) -> str:
+    """Text for a `#` comment in generated Python: printable ASCII only, everything else escaped.
+
+    ASCII keeps PEP 263 encoding cookies and homoglyphs out; `visible` keeps line breaks out.
+    """
+    shown = visible(text)
+    return shown.encode("ascii", "backslashreplace").decode("ascii")
+
+
+def markdown_code(text: str) -> str:
+    """Inline code for Markdown (a pull-request comment): HTML-escaped inside <code>, table pipes escaped.
+
+    A backtick span cannot hold every string safely (backticks, pipes, HTML in some
+    renderers); `<code>` with entities can.
+    """
+    return "<code>" + html.escape(visible(text), quote=True).replace("|", "&#124;") + "</code>"
+
+
+def markdown_text(text: str) -> str:
+    """Plain Markdown text, one line: HTML escaped, and the punctuation that starts emphasis, code or links."""
+    return re.sub(r"([\\`*_\[\]|~])", r"\\\1", html.escape(visible(text), quote=False))
