@@ -84,14 +84,14 @@ def bench(name: str, args, work: Path) -> list[tuple[str, str, str, str]]:
     import onnx
     from safetensors.numpy import save_file
 
-    from dnc.infer import state_dict_shapes
+    from dnc.infer import state_dict_layout
     from dnc.pipeline import build
     from dnc.weights import seeded_state
 
     spec = ROOT / "specs" / f"{name}.yaml"
     _, graph = build(spec)
     ckpt = work / f"{name}.safetensors"
-    save_file(seeded_state(state_dict_shapes(graph), seed=0), str(ckpt))
+    save_file(seeded_state(state_dict_layout(graph), seed=0), str(ckpt))
     ours, theirs = work / "dnc" / f"{name}.onnx", work / f"{name}.torch.onnx"
     dnc_cmd = [sys.executable, "-m", "dnc", "compile", str(spec), "--target", "onnx", "-o", str(ours.parent)]
     dnc_cmd += ["--weights", str(ckpt), "--opset", str(args.opset)]

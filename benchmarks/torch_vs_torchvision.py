@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, resource, sys, time
 import torch
-from dnc.infer import state_dict_shapes
+from dnc.infer import state_dict_layout, state_dict_shapes
 from dnc.ir import graph_input
 from dnc.pipeline import build
 from dnc.reference import to_torch, torchvision_densenet
@@ -40,7 +40,7 @@ spec_path, which, fmt, mode, batch, runs = sys.argv[1:7]
 batch, runs = int(batch), int(runs)
 torch.set_num_threads(int(sys.argv[7]))
 spec, graph = build(spec_path)
-state = to_torch(seeded_state(state_dict_shapes(graph)))
+state = to_torch(seeded_state(state_dict_layout(graph)))
 model = torchvision_densenet(spec) if which == "torchvision" else load_generated(graph).DenseNet()
 model.load_state_dict(state)
 memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format

@@ -17,6 +17,9 @@ import click
 
 from dnc.errors import DncError
 from dnc.pipeline import build  # every command loads specs: networkx, pydantic, ruamel
+from dnc.targets import TARGETS
+
+TARGET_NAMES = list(TARGETS)
 
 EXIT_ERROR = 2
 
@@ -128,56 +131,63 @@ def resolve(spec, overrides, fmt):
     yaml.dump(data, sys.stdout)
 
 
-# target -> (emitter module, default output folder). An emitter has SUFFIX and emit(graph, **options).
-TARGETS = {"torch": ("dnc.emit_torch", Path("generated")), "onnx": ("dnc.emit_onnx", Path("build/onnx"))}
 SPECS_DIR = Path("specs")
+
+
+def target_options(command):
+    """Add every registered target's own options to `command` (each refused for the other targets)."""
+    from dnc.targets import all_options
+
+    for name, (opt, owners) in reversed(all_options().items()):
+        command = click.option(
+            f"--{name}",
+            type=click.Path(dir_okay=False, path_type=Path) if opt.type is Path else opt.type,
+            default=None,
+            metavar=opt.metavar,
+            help=f"{', '.join(owners)}: {opt.help}",
+        )(command)
+    return command
 
 
 @main.command("compile")
 @click.argument("specs", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--target", default="torch", show_default=True, help=f"One of: {', '.join(TARGETS)}.")
+@click.option("--target", default="torch", show_default=True, help=f"One of: {', '.join(TARGET_NAMES)}.")
 @click.option(
     "-o",
     "--out-dir",
     type=click.Path(file_okay=False, path_type=Path),
     help="Output folder [torch: generated/, onnx: build/onnx/].",
 )
-@click.option("--check", is_flag=True, help="Write nothing; exit 1 naming each output that is missing or stale.")
 @click.option(
-    "--weights",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="onnx: a torchvision-format checkpoint (.safetensors, .pth) to embed; one spec only.",
+    "--check",
+    is_flag=True,
+    help="Write nothing; exit 1 naming each output that is missing or stale (judged by the options recorded in it).",
 )
-@click.option("--opset", type=int, default=None, metavar="N", help="ONNX opset, 13 to 28 (onnx target) [default: 17].")
-@click.option("--seed", type=int, default=None, help="onnx: seed of the random weights when no --weights [default: 0].")
+@target_options
 @set_option
 @report_errors
-def compile_(specs, target, out_dir, check, weights, opset, seed, overrides):
+def compile_(specs, target, out_dir, check, overrides, **options):
     """Emit code for SPECS (default: every specs/*.yaml), one file per spec: OUT_DIR/<name>.py or .onnx.
 
     Every spec is compiled before anything is written; a file is rewritten (atomically)
-    only when its content changed.
+    only when its content changed. Each file records the command that regenerates it.
     """
-    import importlib
-
     from dnc.outputs import plan_outputs, stale_outputs, write_outputs
+    from dnc.targets import target as find_target
 
-    if target not in TARGETS:  # checked here, not by click, so that the error is one line like every other
-        raise DncError(f"unknown target '{target}': expected one of {', '.join(TARGETS)}")
-    module, default_out = TARGETS[target]
-    options = {"weights": weights, "opset": opset, "seed": seed}
-    given = [f"--{name}" for name, value in options.items() if value is not None]
-    if target != "onnx" and given:
-        raise DncError(f"{', '.join(given)}: only for --target onnx (the torch target emits code, not weights)")
-    if weights is not None and len(specs) != 1:
+    t = find_target(target)
+    given = {name: value for name, value in options.items() if value is not None}
+    foreign = [f"--{name}" for name in given if name not in {o.name for o in t.options}]
+    if foreign:
+        raise DncError(f"{', '.join(foreign)}: not an option of --target {t.name}")
+    if "weights" in given and len(specs) != 1:
         raise DncError(f"--weights fits one network: give exactly one spec, not {len(specs) or 'all of specs/'}")
-    emitter = importlib.import_module(module)
-    emit = functools.partial(emitter.emit, **{k: v for k, v in options.items() if v is not None})
-    out_dir = out_dir or default_out
+    out_dir = out_dir or t.default_out
     every_spec = not specs
-    outputs = plan_outputs(specs or _all_specs(), overrides, emit, emitter.SUFFIX, out_dir)
+    recorded = check and not overrides and not given
+    outputs = plan_outputs(specs or _all_specs(), overrides, t.emit, given, t.suffix, out_dir, recorded=recorded)
     if check:
-        problems = stale_outputs(outputs, out_dir, emitter.SUFFIX, every_spec=every_spec)
+        problems = stale_outputs(outputs, out_dir, t.suffix, every_spec=every_spec)
         for line in problems:
             click.echo(line, err=True)
         if problems:
@@ -204,7 +214,7 @@ def _all_specs() -> list[Path]:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the input (and of the weights).")
 @click.option("--batch", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--target", default="torch", show_default=True, help=f"What to run: one of {', '.join(TARGETS)}.")
+@click.option("--target", default="torch", show_default=True, help=f"What to run: one of {', '.join(TARGET_NAMES)}.")
 @report_errors
 def verify(specs, overrides, weights, device, seed, batch, target):
     """Run what dnc compile emits and compare it with torchvision's DenseNet.
@@ -217,21 +227,31 @@ def verify(specs, overrides, weights, device, seed, batch, target):
     and the PyTorch model is checked against inference (output shape, parameter count).
     """
     from dnc.outputs import display_path
+    from dnc.targets import target as find_target
     from dnc.verify import check_device
     from dnc.verify import verify as verify_one
 
-    if target not in TARGETS:
-        raise DncError(f"unknown target '{target}': expected one of {', '.join(TARGETS)}")
+    t = find_target(target)
     check_device(device)
     failed = 0
     for path in specs:
         spec, graph = build(display_path(path), overrides)
-        outcome = verify_one(
-            spec, graph, str(path), target=target, weights=weights, device=device, seed=seed, batch=batch
-        )
+        outcome = verify_one(spec, graph, str(path), target=t, weights=weights, device=device, seed=seed, batch=batch)
         click.echo(outcome.line)
         failed += not outcome.ok
     sys.exit(1 if failed else 0)
+
+
+@main.command("ir")
+@spec_arg
+@set_option
+@report_errors
+def ir_(spec, overrides):
+    """Print the inferred IR, one line per node: name, op, attributes, inputs, output shape."""
+    from dnc.ir_text import ir_text
+
+    _, graph = build(spec, overrides)
+    click.echo(ir_text(graph), nl=False)
 
 
 @main.command()
@@ -252,10 +272,11 @@ def schema():
 def diff(a, b, overrides, fmt):
     """Compare the networks two specs build. A and B are spec files or REV:path (git).
 
-    Specs that resolve to the same network (other key order, defaults written out,
-    another `extends`) are the same. --set applies to B. Exit 0 same network, 1 different, 2 error.
+    Specs whose IRs are equal (ops, attributes, wiring, shapes) are the same network, however
+    they are written. --set applies to B. Exit 0 same network and options, 1 different networks,
+    4 the same network with other options (memory_efficient), 2 error.
     """
-    from dnc.diff import compare, load_side, to_json, to_markdown
+    from dnc.diff import compare, exit_status, load_side, to_json, to_markdown
 
     result = compare(load_side(a), load_side(b, overrides))
     if fmt == "json":
@@ -266,7 +287,7 @@ def diff(a, b, overrides, fmt):
         from dnc.render import diff_text
 
         diff_text(result)
-    sys.exit(0 if result.same else 1)
+    sys.exit(exit_status(result))
 
 
 @main.command()

@@ -1,9 +1,11 @@
 """`dnc diff`: compare the networks two specs build, not their text.
 
-A side is a spec file or a git revision of one (`REV:path`). Sameness is decided on
-the resolved specs (defaults written out, per-block values filled in, `extends`
-merged), name and description aside; everything else is read from the inferred IR:
-per-stage rows from `summarize`, checkpoint keys from `state_dict_shapes`.
+A side is a spec file or a git revision of one (`REV:path`). Two sides are the same
+network when their inferred IRs are equal: the same ops with the same attributes and
+units, the same wiring (operand order included) and the same inferred shapes; the
+network's name and where nodes came from do not count. Options that change how the
+code runs but not what it computes (`memory_efficient`) are compared on their own.
+Per-stage rows come from `summarize`, checkpoint keys from the nodes' tensors.
 The result is plain data; `to_json` and `to_markdown` render it here, the terminal
 table lives in render.py.
 """
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import json
 import posixpath
-import re
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from dnc.errors import DncError, Location
-from dnc.infer import state_dict_shapes
+from dnc.ir import Node, UnitKind, inputs, ordered
 from dnc.loader import MAX_EXTENDS_DEPTH, resolved_data
 from dnc.pipeline import build
 from dnc.summary import StageRow, Summary, summarize
@@ -43,6 +44,9 @@ class Side:
     data: dict[str, Any]  # resolved spec data
     summary: Summary
     state: dict[str, tuple[int, ...]]  # state_dict key -> shape
+    owners: dict[str, tuple[Node, str]]  # state_dict key -> (its node, the tensor's name)
+    network: tuple  # the IR in canonical form: what decides "same network"
+    options: dict[str, Any]  # how the code runs, not what it computes
 
 
 @dataclass(frozen=True)
@@ -89,10 +93,12 @@ class Diff:
     fields: list[FieldChange]
     stages: list[StageChange]
     checkpoint: Checkpoint
+    options: list[FieldChange]  # option changes (memory_efficient), whatever the networks
 
     @property
     def same(self) -> bool:
-        return not self.fields
+        """The same network: equal IRs."""
+        return self.a.network == self.b.network
 
 
 # -- loading a side ----------------------------------------------------------------
@@ -115,8 +121,19 @@ def load_side(arg: str, overrides: Sequence[str] = (), cwd: Path | None = None) 
     return _side(arg, spec, graph)
 
 
+OPTIONS = ("memory_efficient",)  # graph attributes that change how code runs, not what it computes
+
+
 def _side(source: str, spec, graph: nx.DiGraph) -> Side:
-    return Side(source, resolved_data(spec), summarize(graph), state_dict_shapes(graph))
+    owners = {f"{n.scope}.{t.name}": (n, t.name) for n in ordered(graph) for t in n.tensors}
+    state = {key: next(t.shape for t in n.tensors if t.name == name) for key, (n, name) in owners.items()}
+    options = {k: graph.graph.get(k) for k in OPTIONS}
+    return Side(source, resolved_data(spec), summarize(graph), state, owners, network(graph), options)
+
+
+def network(graph: nx.DiGraph) -> tuple:
+    """The IR as comparable data: per node its path, op, attributes, unit, inputs in port order and shape."""
+    return tuple((n.path, n.op, n.attrs, n.unit, tuple(inputs(graph, n.scope)), n.shape) for n in ordered(graph))
 
 
 def _materialise(rev: str, rel: str, cwd: Path, tmp: Path) -> Path:
@@ -184,7 +201,9 @@ def _relocate(err: DncError, tmp: str, rev: str) -> DncError:
 
 def compare(a: Side, b: Side) -> Diff:
     """What differs between two networks: spec fields, stages, totals, checkpoint keys."""
-    return Diff(a, b, _field_changes(a.data, b.data), _stage_changes(a.summary, b.summary), _checkpoint(a, b))
+    options = [FieldChange(k, a.options[k], b.options[k]) for k in OPTIONS if a.options[k] != b.options[k]]
+    fields = [c for c in _field_changes(a.data, b.data) if c.field not in OPTIONS]
+    return Diff(a, b, fields, _stage_changes(a.summary, b.summary), _checkpoint(a, b), options)
 
 
 def _flatten(value: Any, path: str, out: dict[str, Any]) -> dict[str, Any]:
@@ -301,45 +320,42 @@ def totals(d: Diff) -> list[tuple[str, int, int]]:
     return [("parameters", d.a.summary.params, d.b.summary.params), ("MACs", d.a.summary.macs, d.b.summary.macs)]
 
 
-_LAYER = re.compile(r"^(features\.denseblock\d+\.denselayer)(\d+)\.")
-
-
-def key_groups(keys: list[str]) -> list[str]:
+def key_groups(keys: list[str], side: Side) -> list[str]:
     """Keys folded for people: whole dense layers as ranges, other keys by module.
 
     ['features.denseblock3.denselayer25.norm1.weight', ..., '...denselayer32.conv2.weight']
     -> ['features.denseblock3.denselayer25..32 (96 keys)']
     """
-    groups: list[list] = []  # [label prefix, first, last, key count] or [module, None, None, count]
+    groups: list[list] = []  # [first node, last node, key count, by layer?]
     for key in keys:
-        m = _LAYER.match(key)
-        if m:
-            prefix, j = m.group(1), int(m.group(2))
-            last = groups[-1] if groups else None
-            if last and last[0] == prefix and last[2] in (j, j - 1):
-                last[2] = j
-                last[3] += 1
+        n, _ = side.owners[key]
+        last = groups[-1] if groups else None
+        if n.unit.kind is UnitKind.DENSE_LAYER:
+            if last and last[3] and last[1].unit.block == n.unit.block and n.unit.layer - last[1].unit.layer in (0, 1):
+                last[1] = n
+                last[2] += 1
             else:
-                groups.append([prefix, j, j, 1])
-            continue
-        module = key.rsplit(".", 1)[0]
-        if groups and groups[-1][0] == module and groups[-1][1] is None:
-            groups[-1][3] += 1
+                groups.append([n, n, 1, True])
+        elif last and not last[3] and last[0].scope == n.scope:
+            last[2] += 1
         else:
-            groups.append([module, None, None, 1])
+            groups.append([n, n, 1, False])
     out = []
-    for label, first, last, n in groups:
-        span = "" if first is None else (f"{first}" if first == last else f"{first}..{last}")
-        out.append(f"{label}{span} ({n} key{'s' if n != 1 else ''})")
+    for first, end, count, layered in groups:
+        label = first.scope
+        if layered:
+            layer = ".".join(first.path[:-1])  # the dense layer's module
+            label = layer if first.unit.layer == end.unit.layer else f"{layer}..{end.unit.layer}"
+        out.append(f"{label} ({count} key{'s' if count != 1 else ''})")
     return out
 
 
-def reshaped_groups(changed: list[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> list[str]:
+def reshaped_groups(changed: list[tuple[str, tuple[int, ...], tuple[int, ...]]], side: Side) -> list[str]:
     """Shape changes by module: `features.transition3.norm.{weight,bias,...}: 1024 → 1280`."""
     groups: dict[tuple[str, tuple, tuple], list[str]] = {}
     for key, sa, sb in changed:
-        module, _, leaf = key.rpartition(".")
-        groups.setdefault((module, sa, sb), []).append(leaf)
+        n, leaf = side.owners[key]
+        groups.setdefault((n.scope, sa, sb), []).append(leaf)
     out = []
     for (module, sa, sb), leaves in groups.items():
         leaf = leaves[0] if len(leaves) == 1 else "{" + ",".join(leaves) + "}"
@@ -357,7 +373,16 @@ def checkpoint_line(c: Checkpoint) -> str:
 
 
 def verdict(d: Diff) -> str:
-    return "same network" if d.same else "different networks"
+    if not d.same:
+        return "different networks"
+    return "same network, different options" if d.options else "same network"
+
+
+def exit_status(d: Diff) -> int:
+    """0 same network and options, 1 different networks, 4 the same network run with other options."""
+    if not d.same:
+        return 1
+    return 4 if d.options else 0
 
 
 # -- JSON and Markdown -------------------------------------------------------------
@@ -384,6 +409,7 @@ def to_json(d: Diff) -> dict[str, Any]:
         "a": side(d.a),
         "b": side(d.b),
         "same_network": d.same,
+        "options": [field(f) for f in d.options],
         "fields": [field(f) for f in d.fields],
         "stages": [{"stage": s.stage, "changed": list(s.changed), "a": row(s.a), "b": row(s.b)} for s in d.stages],
         "totals": {name.lower(): {"a": a, "b": b, "delta": b - a} for name, a, b in totals(d)},
@@ -421,8 +447,13 @@ def to_markdown(d: Diff) -> str:
     lines = [head, ""]
     if a.data["name"] != b.data["name"]:
         lines += [f"Name: `{a.data['name']}` → `{b.data['name']}`", ""]
+    if d.options:
+        lines += ["**Options** (how the code runs, not what it computes)", ""]
+        lines += _md_table(
+            ["option", "A", "B"], [[f"`{c.field}`", show_value(c.a), show_value(c.b)] for c in d.options]
+        )
     if d.same:
-        lines += ["The resolved specs build the same network; the checkpoint keys and shapes are identical.", ""]
+        lines += ["The two specs build the same network: equal IRs, so equal checkpoint keys and shapes.", ""]
         return "\n".join(lines)
     lines += ["**Spec fields** (resolved: defaults and per-block values filled in)", ""]
     lines += _md_table(["field", "A", "B"], [[f"`{c.field}`", show_value(c.a), show_value(c.b)] for c in d.fields])
@@ -435,7 +466,7 @@ def to_markdown(d: Diff) -> str:
     c = d.checkpoint
     mark = "✅" if c.loads else "❌"
     lines += [f"**Checkpoint**: {mark} {checkpoint_line(c)}", ""]
-    lines += _md_keys(f"{len(c.missing_in_b)} keys of A missing in B", key_groups(c.missing_in_b))
-    lines += _md_keys(f"{len(c.new_in_b)} keys new in B", key_groups(c.new_in_b))
-    lines += _md_keys(f"{len(c.changed_shape)} keys that change shape", reshaped_groups(c.changed_shape))
+    lines += _md_keys(f"{len(c.missing_in_b)} keys of A missing in B", key_groups(c.missing_in_b, a))
+    lines += _md_keys(f"{len(c.new_in_b)} keys new in B", key_groups(c.new_in_b, b))
+    lines += _md_keys(f"{len(c.changed_shape)} keys that change shape", reshaped_groups(c.changed_shape, a))
     return "\n".join(lines)

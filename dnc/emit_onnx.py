@@ -20,7 +20,6 @@ Choices, and why:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
 import networkx as nx
 import numpy as np
@@ -29,8 +28,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dnc import __version__
 from dnc.errors import EmitError
-from dnc.infer import state_dict_shapes
+from dnc.infer import state_dict_layout
 from dnc.ir import Node, OpKind, graph_input, inputs, ordered, output
+from dnc.provenance import command, record
 from dnc.weights import network_state
 
 MIN_OPSET = 13  # from 13 on, each op emitted here means the same at inference in every opset
@@ -40,7 +40,6 @@ MAX_OPSET = min(28, onnx.defs.onnx_opset_version())
 DEFAULT_OPSET = 17  # widely supported by deployed runtimes (onnxruntime >= 1.13, TensorRT 8.6)
 SUFFIX = ".onnx"
 INPUT_NAME, OUTPUT_NAME, BATCH = "input", "logits", "batch"
-SKIPPED = "num_batches_tracked"
 
 
 def check_opset(opset: int) -> None:
@@ -49,12 +48,14 @@ def check_opset(opset: int) -> None:
         raise EmitError(f"--opset {opset} is not supported: choose {MIN_OPSET} to {MAX_OPSET}")
 
 
-def initializer_keys(expected: Mapping[str, tuple[int, ...]]) -> list[str]:
-    """The state_dict keys that become initializers: all but BN's `num_batches_tracked`."""
-    return [k for k in expected if k.rsplit(".", 1)[-1] != SKIPPED]
+def initializer_keys(graph: nx.DiGraph) -> list[str]:
+    """The state_dict keys that become initializers: those an inference op reads (op table's `onnx`)."""
+    return [k for k, t in state_dict_layout(graph).items() if t.onnx]
 
 
-def emit_onnx(graph: nx.DiGraph, state: Mapping[str, np.ndarray], opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+def emit_onnx(
+    graph: nx.DiGraph, state: Mapping[str, np.ndarray], opset: int = DEFAULT_OPSET, options: dict | None = None
+) -> onnx.ModelProto:
     """The inference-mode ONNX model of an inferred IR, with `state`'s weights as initializers.
 
     `state` maps torch state_dict keys to arrays (checked against the IR by the caller,
@@ -95,17 +96,15 @@ def emit_onnx(graph: nx.DiGraph, state: Mapping[str, np.ndarray], opset: int = D
         producer_version=__version__,
         doc_string=f"{name}, compiled by dnc from {graph.graph.get('source') or 'a spec'}; inference mode",
     )
-    helper.set_model_props(model, {"dnc.spec": graph.graph.get("source", ""), "dnc.network": name})
+    rec = record(graph, "onnx", {k: v for k, v in (options or {}).items() if k != "opset"} | {"opset": opset})
+    props = {"dnc.spec": graph.graph.get("source", ""), "dnc.network": name, "dnc.regenerate": command(rec)}
+    helper.set_model_props(model, props)
     return model
 
 
 def _param_keys(n: Node) -> list[str]:
-    """The node's weight inputs, in ONNX's input order, named as torch names them."""
-    if n.op is OpKind.CONV or n.op is OpKind.LINEAR:
-        return [f"{n.scope}.weight"] + ([f"{n.scope}.bias"] if n.attrs.bias else [])
-    if n.op is OpKind.BATCHNORM:
-        return [f"{n.scope}.{k}" for k in ("weight", "bias", "running_mean", "running_var")]
-    return []
+    """The node's weight inputs, in ONNX's input order (the op table's order), named as torch names them."""
+    return [f"{n.scope}.{t.name}" for t in n.tensors if t.onnx]
 
 
 def _make(n: Node, ins: list[str], out: str) -> onnx.NodeProto:
@@ -152,8 +151,10 @@ def _make(n: Node, ins: list[str], out: str) -> onnx.NodeProto:
     raise EmitError(f"{n.scope}: no ONNX rule for op '{n.op.value}'", n.origin)
 
 
-def emit(graph: nx.DiGraph, weights: str | Path | None = None, seed: int = 0, opset: int = DEFAULT_OPSET) -> bytes:
-    """The serialised model of `graph` (deterministic bytes), weights from a checkpoint or seeded."""
+def emit(graph: nx.DiGraph, options: dict | None = None) -> bytes:
+    """The serialised model of `graph` (deterministic bytes); options: weights (a checkpoint), seed, opset."""
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    opset = options.get("opset", DEFAULT_OPSET)
     check_opset(opset)
-    state = network_state(state_dict_shapes(graph), weights, seed)
-    return emit_onnx(graph, state, opset).SerializeToString(deterministic=True)
+    state = network_state(state_dict_layout(graph), options.get("weights"), options.get("seed", 0))
+    return emit_onnx(graph, state, opset, options).SerializeToString(deterministic=True)

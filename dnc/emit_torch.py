@@ -1,267 +1,532 @@
 """Emit stage, torch target: inferred IR -> the source of one standalone PyTorch module.
 
-Reads only the IR. `view` walks the nodes in order and groups them by scope into
-plain data (stem modules, each block's layers with literal channel counts, the
-transitions, the head); the Jinja templates in templates/torch/ only loop over it
-and substitute. Every value that reaches the source is an int, a float or a name
-checked here, written with `repr`-like formatting, so nothing from a spec is
-pasted in raw. No torch here: compiling stays fast and works without it.
+The emitter follows the wiring. It walks the IR unit by unit (ir.units) and matches
+each unit's subgraph along its edges:
+
+- the stem and the head are chains of modules, emitted in chain order;
+- a dense layer is a chain behind the concatenation of its block's features, a
+  transition a chain behind its block's output; each becomes an instance of a class
+  generated from that chain, one class per distinct chain (ops, their order and
+  attributes, channels as constructor arguments);
+- every concatenation must take exactly the block's features in order, which is
+  what the generated `DenseBlock` computes.
+
+What a chain computes is what the class's `forward` does, line for line, so a pass
+that rewires a unit changes the code. A subgraph this target cannot express is an
+EmitError naming the node, never silently different code. Module names come from the
+nodes' paths (decided by lowering). The templates in templates/torch/ only place the
+prepared text. Every value that reaches the source is an int, a float or a checked
+identifier. No torch here: compiling stays fast and works without it.
 """
 
 from __future__ import annotations
 
 import builtins
+import dataclasses
+import json
 import keyword
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import networkx as nx
 
 from dnc.errors import EmitError
-from dnc.ir import BatchNormAttrs, ConvAttrs, Node, OpKind, PoolAttrs, ordered
+from dnc.ir import (
+    BatchNormAttrs,
+    Node,
+    OpKind,
+    Unit,
+    UnitKind,
+    input_nodes,
+    inputs,
+    ordered,
+    unit_output,
+    units,
+)
 from dnc.jinja import environment
+from dnc.ops import OLD_KEY_PATTERN
+from dnc.provenance import header_lines
 
 SUFFIX = ".py"
 TEMPLATE = "torch/model.py.j2"
+LINE_LENGTH = 120  # the project's ruff line-length: generated files must pass `ruff check`
 
 # Names the generated module defines or imports: a network may not be called one of these.
 _TAKEN = {"re", "torch", "nn", "F", "Tensor", "OrderedDict", "DenseNet", "DenseBlock", "DenseLayer"}
-_TAKEN |= {"PlainDenseLayer", "Transition", "upgrade_state_dict", "any_requires_grad", "build"}
+_TAKEN |= {"PlainDenseLayer", "Transition", "upgrade_state_dict", "any_requires_grad", "build", "checkpoint"}
+_MODULE_OPS = {OpKind.CONV, OpKind.BATCHNORM, OpKind.RELU, OpKind.MAXPOOL, OpKind.AVGPOOL}
+_HEAD_OPS = _MODULE_OPS | {OpKind.GLOBAL_AVGPOOL, OpKind.FLATTEN, OpKind.LINEAR}
 
 
-def emit(graph: nx.DiGraph) -> str:
+def emit(graph: nx.DiGraph, options: dict | None = None) -> str:
     """The PyTorch source of the inferred IR `graph`."""
-    return environment().get_template(TEMPLATE).render(**view(graph))
+    return environment().get_template(TEMPLATE).render(**view(graph, options or {}))
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One line of generated code: a named module (or call) and the shape it outputs."""
-
-    name: str
-    module: str
-    shape: str
+# -- code lines with shape comments ------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Line:
-    """One generated line: its code, and its shape comment after it or, where that is too long, above it."""
+@dataclass
+class Code:
+    """Lines of Python at one indentation; shape comments go after a line, or above it where too long."""
 
-    code: str
-    above: list[str]
-    after: str
+    indent: int
+    lines: list[str] = field(default_factory=list)
 
-
-@dataclass(frozen=True)
-class Block:
-    name: str
-    summary: str
-    layers: list[Line]
-
-
-LINE_LENGTH = 120  # the project's ruff line-length: generated files must pass `ruff check`
-# NOTE: how deep the template indents each kind of line; keep in step with model.py.j2.
-LAYER_INDENT, FEATURE_INDENT, STEP_INDENT = 16, 12, 8
-
-
-def _line(indent: int, code: str, shape: str) -> Line:
-    comment = f"  # {shape}"
-    if indent + len(code) + len(comment) <= LINE_LENGTH:
-        return Line(code, [], comment)
-    return Line(code, [f"# {shape}"], "")
-
-
-def _entry_line(indent: int, e: Entry) -> Line:
-    return _line(indent, f'("{e.name}", {e.module}),', e.shape)
-
-
-def view(graph: nx.DiGraph) -> dict:
-    """The template's data: plain strings and lists, every literal already formatted."""
-    name = _network_name(graph.graph.get("name"))
-    nodes = ordered(graph)
-    by_stage: dict[str, list[Node]] = {}
-    for n in nodes:
-        by_stage.setdefault(n.stage, []).append(n)
-    (source_node,) = by_stage.pop("input")
-    head = {n.scope: n for n in by_stage.pop("head", [])}
-    features: list[Entry] = []
-    steps: list[Line] = []
-    blocks: list[Block] = []
-    kinds: set[str] = set()
-    previous = "x"
-    for stage, members in by_stage.items():
-        _ident(stage)
-        if stage == "stem":
-            for n in members:
-                entry = Entry(_leaf(n), _stem_module(n, graph), _shape(n))
-                features.append(entry)
-                steps.append(_line(STEP_INDENT, f"x = self.features.{entry.name}(x)", entry.shape))
-        elif stage.startswith("denseblock"):
-            block = _block(stage, members, kinds)
-            blocks.append(block)
-            out = _only(members, f"features.{stage}.cat")
-            features.append(Entry(stage, stage, _shape(out)))
-            previous = f"block{len(blocks)}"
-            steps.append(_line(STEP_INDENT, f"{previous} = self.features.{stage}(x)", _shape(out)))
-        elif stage.startswith("transition"):
-            kinds.add("transition")
-            entry = Entry(stage, _transition(stage, members), _shape(members[-1]))
-            features.append(entry)
-            steps.append(_line(STEP_INDENT, f"x = self.features.{stage}({previous})", entry.shape))
+    def add(self, code: str, shape: str = "") -> None:
+        comment = f"  # {shape}" if shape else ""
+        if self.indent + len(code) + len(comment) <= LINE_LENGTH:
+            self.lines.append(code + comment)
         else:
-            raise EmitError(f"torch target: no rule for stage '{stage}'")
-    for scope in ("features.norm5", "features.relu5"):
-        n = _need(head, scope)
-        features.append(Entry(_leaf(n), _stem_module(n, graph), _shape(n)))
-    pool, flat, classifier = _need(head, "avgpool"), _need(head, "flatten"), _need(head, "classifier")
-    if pool.op is not OpKind.GLOBAL_AVGPOOL or flat.op is not OpKind.FLATTEN or classifier.op is not OpKind.LINEAR:
-        raise EmitError("torch target: the head must be global average pool, flatten, linear")
-    features_shape = _shape(_need(head, "features.relu5"))
-    source = _printable(graph.graph.get("source") or "<unknown spec>")
-    header = [
-        f"# @generated by dnc from {source} via templates/{TEMPLATE} — do not edit.",
-        f"# Regenerate with `dnc compile {source} --target torch` (or `make generate`).",
-    ]
-    parts = [f"torch/{p}.py.j2" for p in ("dense_layer", "plain_layer", "transition") if p in kinds]
+            self.lines += [f"# {shape}", code] if shape else [code]
+
+    def comment(self, text: str) -> None:
+        self.lines.append(f"# {text}")
+
+    def text(self) -> str:
+        pad = " " * self.indent
+        return "\n".join(pad + line if line else "" for line in self.lines)
+
+
+# -- chains: what a unit computes ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """One op of a chain, with its channel counts abstracted to argument names."""
+
+    node: Node
+    out_arg: str | None = None  # the constructor argument holding a conv's output channels
+
+
+def _chain(graph: nx.DiGraph, members: list[Node], entry: str) -> list[Node]:
+    """The unit's nodes as a chain starting from `entry` (a node outside the unit); refuse anything else."""
+    chain, previous = [], entry
+    for n in members:
+        srcs = inputs(graph, n.scope)
+        if srcs != [previous]:
+            raise EmitError(
+                f"torch target: {n.scope} reads {srcs or 'nothing'}, not the previous op {previous}; "
+                f"{n.unit} is not a chain this target implements"
+            )
+        chain.append(n)
+        previous = n.scope
+    return chain
+
+
+def _module(n: Node, cin: str, cout: str | None = None) -> str:
+    """The constructor call of the module for one op; `cin`/`cout` are literals or argument names."""
+    a = n.attrs
+    if n.op is OpKind.CONV:
+        extra = "".join(
+            f", {k}={v}" for k, v in (("stride", a.stride), ("padding", a.padding)) if v != (1 if k == "stride" else 0)
+        )
+        bias = "" if a.bias else ", bias=False"
+        return f"nn.Conv2d({cin}, {cout}, kernel_size={_int(a.kernel)}{extra}{bias})"
+    if n.op is OpKind.BATCHNORM:
+        defaults = BatchNormAttrs()
+        extra = "".join(
+            f", {f.name}={_float(getattr(a, f.name))}"
+            for f in dataclasses.fields(a)
+            if getattr(a, f.name) != getattr(defaults, f.name)
+        )
+        return f"nn.BatchNorm2d({cin}{extra})"
+    if n.op is OpKind.RELU:
+        return "nn.ReLU()"
+    if n.op in (OpKind.MAXPOOL, OpKind.AVGPOOL):
+        cls = "nn.MaxPool2d" if n.op is OpKind.MAXPOOL else "nn.AvgPool2d"
+        stride = f", stride={_int(a.stride)}" if a.stride != a.kernel else ""
+        padding = f", padding={_int(a.padding)}" if a.padding else ""
+        return f"{cls}(kernel_size={_int(a.kernel)}{stride}{padding})"
+    if n.op is OpKind.GLOBAL_AVGPOOL:
+        return "nn.AdaptiveAvgPool2d(1)"
+    if n.op is OpKind.FLATTEN:
+        return "nn.Flatten(1)"
+    if n.op is OpKind.LINEAR:
+        bias = "" if a.bias else ", bias=False"
+        return f"nn.Linear({cin}, {_int(a.out_features)}{bias})"
+    raise EmitError(f"torch target: {n.scope}: no module for op '{n.op}'")
+
+
+def _literal_module(graph: nx.DiGraph, n: Node) -> str:
+    cin = _int(input_nodes(graph, n)[0].shape[0])
+    return _module(n, cin, _int(n.attrs.out_channels) if n.op is OpKind.CONV else None)
+
+
+# -- unit classes --------------------------------------------------------------------
+
+
+@dataclass
+class UnitClass:
+    """A generated nn.Module class for units (dense layers or transitions) that share one chain."""
+
+    name: str
+    kind: UnitKind
+    signature: tuple
+    steps: list[Step]  # from the first instance; dropout rates and channels are arguments
+    drop_slots: set[int] = field(default_factory=set)  # indices in `steps` after which dropout may run
+
+    @property
+    def args(self) -> list[str]:
+        outs = [s.out_arg for s in self.steps if s.out_arg]
+        return ["in_channels", *outs, *(["drop_rate"] if self.drop_slots else [])]
+
+    @property
+    def checkpointed(self) -> bool:
+        """Dense layers with a bottleneck recompute it in backward under memory_efficient (as torchvision)."""
+        convs = [s for s in self.steps if s.node.op is OpKind.CONV]
+        return self.kind is UnitKind.DENSE_LAYER and len(convs) > 1
+
+
+def _core(chain: list[Node]) -> tuple[list[Node], set[int], list[float]]:
+    """Split a chain into its non-dropout ops, the positions dropouts follow, and their rates."""
+    core, slots, rates = [], set(), []
+    for n in chain:
+        if n.op is OpKind.DROPOUT:
+            if not core:
+                raise EmitError(f"torch target: {n.scope}: dropout before any op of {n.unit}")
+            slots.add(len(core) - 1)
+            rates.append(n.attrs.rate)
+        elif n.op in _MODULE_OPS:
+            core.append(n)
+        else:
+            raise EmitError(f"torch target: {n.scope}: a {n.op.value} inside {n.unit} has no implementation here")
+    if len(set(rates)) > 1:
+        raise EmitError(f"torch target: {chain[0].unit} has dropouts of different rates {sorted(set(rates))}")
+    return core, slots, rates
+
+
+def _out_args(kind: UnitKind, core: list[Node]) -> list[str | None]:
+    convs = [i for i, n in enumerate(core) if n.op is OpKind.CONV]
+    names: dict[int, str] = {}
+    if kind is UnitKind.DENSE_LAYER:
+        for number, i in enumerate(convs[:-1], start=1):
+            names[i] = "width" if number == 1 else f"width{number}"
+        if convs:
+            names[convs[-1]] = "growth"
+    else:
+        for number, i in enumerate(convs, start=1):
+            names[i] = "out_channels" if number == 1 else f"out_channels{number}"
+    return [names.get(i) for i in range(len(core))]
+
+
+def _signature(core: list[Node]) -> tuple:
+    def attrs(n: Node):
+        if n.op is OpKind.CONV:
+            return dataclasses.replace(n.attrs, out_channels=0)  # channels are arguments
+        return n.attrs
+
+    return tuple((n.name, n.op, attrs(n)) for n in core)
+
+
+class Classes:
+    """The unit classes a module needs, named in the order they are first met."""
+
+    def __init__(self) -> None:
+        self.all: list[UnitClass] = []
+
+    def instance(self, kind: UnitKind, chain: list[Node], in_channels: int) -> str:
+        """The constructor call of the unit `chain`, creating or widening its class."""
+        core, slots, rates = _core(chain)
+        if not core:
+            raise EmitError(f"torch target: {chain[0].unit} has no ops")
+        sig = _signature(core)
+        cls = next((c for c in self.all if c.kind is kind and c.signature == sig), None)
+        if cls is None:
+            names = _out_args(kind, core)
+            cls = UnitClass(self._name(kind, core), kind, sig, [Step(n, a) for n, a in zip(core, names, strict=True)])
+            self.all.append(cls)
+        cls.drop_slots |= slots
+        values = [f"in_channels={_int(in_channels)}"]
+        for s, n in zip(cls.steps, core, strict=True):
+            if s.out_arg:
+                values.append(f"{s.out_arg}={_int(n.attrs.out_channels)}")
+        if rates:
+            values.append(f"drop_rate={_rate(rates[0])}")
+        return f"{cls.name}({', '.join(values)})"
+
+    def _name(self, kind: UnitKind, core: list[Node]) -> str:
+        if kind is UnitKind.TRANSITION:
+            base = "Transition"
+        else:
+            base = "DenseLayer" if sum(n.op is OpKind.CONV for n in core) > 1 else "PlainDenseLayer"
+        taken = {c.name for c in self.all}
+        number = 1
+        name = base
+        while name in taken:
+            number += 1
+            name = f"{base}{number}"
+        return name
+
+
+def _class_view(cls: UnitClass) -> dict:
+    """The text of one unit class: constructor body, optional bottleneck, forward body."""
+    init = Code(8)
+    channels = "in_channels"
+    for s in cls.steps:
+        n = s.node
+        init.add(f"self.{_ident(n.name)} = {_module(n, channels, s.out_arg)}")
+        if s.out_arg:
+            channels = s.out_arg
+    if cls.drop_slots:
+        init.add("self.drop_rate = drop_rate")
+    if cls.checkpointed:
+        init.add("self.memory_efficient = False  # set by DenseNet")
+
+    def step_lines(code: Code, indices: range) -> None:
+        for i in indices:
+            code.add(f"x = self.{cls.steps[i].node.name}(x)")
+            if i in cls.drop_slots:
+                code.add("if self.drop_rate > 0:")
+                code.add("    x = F.dropout(x, p=self.drop_rate, training=self.training)")
+
+    first_conv = next(i for i, s in enumerate(cls.steps) if s.node.op is OpKind.CONV) if cls.checkpointed else -1
+    dense = cls.kind is UnitKind.DENSE_LAYER
+    bottleneck = Code(8)
+    if cls.checkpointed:
+        bottleneck.add("x = torch.cat(features, 1)")
+        step_lines(bottleneck, range(first_conv + 1))
+        bottleneck.add("return x")
+    forward = Code(8)
+    if dense and not cls.checkpointed:
+        forward.add("x = torch.cat(features, 1)")
+    step_lines(forward, range(first_conv + 1, len(cls.steps)))
+    forward.add("return x")
+    signature = ", ".join(f"{a}: int" for a in cls.args if a != "drop_rate")
+    if cls.drop_slots:
+        signature += ", drop_rate: float = 0.0"
     return {
-        "name": name,
-        "header": [line if len(line) <= LINE_LENGTH else f"{line}  # noqa: E501" for line in header],
-        "params": f"{sum(n.params for n in nodes):,}",
-        "macs": f"{sum(n.macs for n in nodes):,}",
-        "input_shape": _shape(source_node),
-        "memory_efficient": repr(bool(graph.graph.get("memory_efficient", False))),
-        "parts": parts,
-        "blocks": blocks,
-        "features": [_entry_line(FEATURE_INDENT, e) for e in features],
-        "steps": steps,
-        "block_outputs": ", ".join(f"block{i}" for i in range(1, len(blocks) + 1)),
-        "features_shape": features_shape,
-        "pooled_shape": _shape(pool),
-        "flat_shape": _shape(flat),
-        "output_shape": _shape(classifier),
-        "classifier": f"nn.Linear({_int(flat.shape[0])}, {_int(classifier.attrs.out_features)}, "
-        f"bias={classifier.attrs.bias!r})",
+        "name": cls.name,
+        "doc": _class_doc(cls),
+        "signature": signature,
+        "init": init.text(),
+        "bottleneck": bottleneck.text() if cls.checkpointed else "",
+        "input": "features: list[Tensor]" if dense else "x: Tensor",
+        "forward": forward.text(),
     }
 
 
+_OP_WORDS = {
+    OpKind.CONV: "Conv",
+    OpKind.BATCHNORM: "BN",
+    OpKind.RELU: "ReLU",
+    OpKind.MAXPOOL: "MaxPool",
+    OpKind.AVGPOOL: "AvgPool",
+}
+
+
+def _class_doc(cls: UnitClass) -> str:
+    parts = []
+    for i, s in enumerate(cls.steps):
+        n = s.node
+        word = _OP_WORDS[n.op]
+        if n.op in (OpKind.CONV, OpKind.AVGPOOL, OpKind.MAXPOOL):
+            word += f"({n.attrs.kernel}x{n.attrs.kernel}{f'/{n.attrs.stride}' if n.attrs.stride > 1 else ''})"
+        if s.out_arg:
+            word += f" to `{s.out_arg}`"
+        if n.op is OpKind.CONV and n.attrs.bias:
+            word += " with bias"
+        parts.append(word)
+        if i in cls.drop_slots:
+            parts.append("dropout")
+    what = "Dense layer" if cls.kind is UnitKind.DENSE_LAYER else "Transition between dense blocks"
+    joined = "-".join(parts)
+    reads = " of the concatenated block features" if cls.kind is UnitKind.DENSE_LAYER else ""
+    return f"{what}: {joined}{reads}."
+
+
+# -- the whole module -----------------------------------------------------------------
+
+
+def view(graph: nx.DiGraph, options: dict) -> dict:
+    """The template's data: plain strings, every literal already formatted."""
+    name = _network_name(graph.graph.get("name"))
+    nodes = ordered(graph)
+    init = Code(8)
+    init.add("self.features = features = nn.Sequential()")
+    head = Code(8)
+    classes = Classes()
+    positions: list[int] = []  # index in `features` of each dense block
+    count = 0  # modules in `features` so far
+    block: dict | None = None
+    head_modules: list[str] = []
+    source_node = None
+    stem_open = False
+    for unit, members in units(graph).items():
+        kind = unit.kind
+        if kind is UnitKind.INPUT:
+            (source_node,) = members
+        elif kind is UnitKind.STEM:
+            if not stem_open:
+                init.comment("stem")
+                stem_open = True
+            previous = source_node
+            for n in _chain(graph, members, source_node.scope):
+                count += _feature(init, graph, n, previous)
+                previous = n
+        elif kind is UnitKind.DENSE_LAYER:
+            if block is None or block["unit"] != unit.block:
+                block = _open_block(graph, unit, members, init)
+                positions.append(count)
+                count += 1
+            _dense_layer(graph, unit, members, block, classes, init)
+        elif kind is UnitKind.BLOCK_OUTPUT:
+            if block is None or block["unit"] != unit.block:
+                raise EmitError(f"torch target: {members[0].scope}: a block output without dense layers")
+            comment, code, shape = _close_block(graph, members, block)
+            init.lines[block["line"]] = comment
+            init.lines[block["line"] + 1] = f"{code}  # {shape}"
+        elif kind is UnitKind.TRANSITION:
+            entry = _entry(graph, members)
+            chain = _chain(graph, members, entry.scope)
+            parent = _parent(chain, 2)
+            call = classes.instance(kind, chain, entry.shape[0])
+            init.add(f"features.{_ident(parent[1])} = {call}", _shape(chain[-1]))
+            count += 1
+        elif kind is UnitKind.HEAD:
+            entry = _entry(graph, members)
+            previous = entry
+            for n in _chain(graph, members, entry.scope):
+                if n.op not in _HEAD_OPS:
+                    raise EmitError(f"torch target: {n.scope}: a {n.op.value} in the head has no implementation here")
+                if n.path[0] == "features" and len(n.path) == 2 and not head_modules:
+                    count += _feature(init, graph, n, previous)
+                elif len(n.path) == 1:
+                    init.add(f"self.{_ident(n.name)} = {_literal_module(graph, n)}")
+                    head_modules.append(n.name)
+                    last = n is members[-1]
+                    call = f"self.{n.name}(x)"
+                    head.add(f"return {call}" if last else f"x = {call}", _shape(n))
+                else:
+                    raise EmitError(f"torch target: {n.scope}: the head's modules come after `features`")
+                previous = n
+        if block is not None and kind is not UnitKind.DENSE_LAYER and block.get("open"):
+            raise EmitError(f"torch target: {'.'.join(block['path'])} has no block output")
+    if not head_modules or not head.lines[-1].startswith("return "):
+        raise EmitError("torch target: the network must end in a head module outside `features`")
+    checkpointed = [c.name for c in classes.all if c.checkpointed]
+    features_node = next(n for n in reversed(nodes) if n.path[0] == "features")
+    return {
+        "name": name,
+        "header": header_lines(graph, TEMPLATE, options),
+        "params": f"{sum(n.params for n in nodes):,}",
+        "macs": f"{sum(n.macs for n in nodes):,}",
+        "input_shape": _shape(source_node),
+        "features_shape": _shape(features_node),
+        "old_key_pattern": json.dumps(OLD_KEY_PATTERN),  # a double-quoted literal, as ruff format writes it
+        "memory_efficient": repr(bool(graph.graph.get("memory_efficient", False))),
+        "classes": [_class_view(c) for c in classes.all],
+        "uses_dropout": any(c.drop_slots for c in classes.all),
+        "checkpointed": f"({', '.join(checkpointed)},)" if len(checkpointed) > 1 else "".join(checkpointed),
+        "init": init.text(),
+        "head": head.text(),
+        "positions": ", ".join(map(str, positions)),
+        "last_position": str(positions[-1]) if positions else "-1",
+    }
+
+
+def _feature(init: Code, graph: nx.DiGraph, n: Node, previous: Node) -> int:
+    """One module in `features`, with a shape comment where the shape changes; returns 1."""
+    if n.op not in _MODULE_OPS or len(n.path) != 2 or n.path[0] != "features":
+        raise EmitError(f"torch target: {n.scope}: a {n.op.value} cannot be a module of `features` here")
+    changed = previous is None or n.shape != previous.shape
+    init.add(f"features.{_ident(n.name)} = {_literal_module(graph, n)}", _shape(n) if changed else "")
+    return 1
+
+
+def _entry(graph: nx.DiGraph, members: list[Node]) -> Node:
+    srcs = input_nodes(graph, members[0])
+    if len(srcs) != 1:
+        raise EmitError(f"torch target: {members[0].scope} should read one tensor, reads {len(srcs)}")
+    return srcs[0]
+
+
+def _parent(chain: list[Node], depth: int) -> tuple[str, ...]:
+    """The module path all of a unit's nodes share, `depth` long."""
+    parents = {n.path[:-1] for n in chain}
+    if len(parents) != 1 or len(next(iter(parents))) != depth or next(iter(parents))[0] != "features":
+        raise EmitError(f"torch target: {chain[0].unit} spans modules {sorted(parents)}")
+    return next(iter(parents))
+
+
+def _open_block(graph: nx.DiGraph, unit: Unit, members: list[Node], init: Code) -> dict:
+    entry = _entry(graph, members)
+    parent = _parent(members, 3)
+    block = {
+        "unit": unit.block,
+        "module": parent[1],
+        "path": parent[:2],
+        "entry": entry,
+        "features": [entry.scope],
+        "layers": [],
+        "open": True,
+        "line": len(init.lines),
+    }
+    init.lines.append("")  # the block's comment and line, filled in when it closes
+    init.lines.append("")
+    return block
+
+
+def _dense_layer(graph: nx.DiGraph, unit: Unit, members: list[Node], block: dict, classes: Classes, init: Code):
+    first = members[0]
+    if first.op is OpKind.CONCAT:
+        _check_features(graph, first, block["features"])
+        rest, entry, cin = members[1:], first, first.shape[0]
+    else:
+        if block["features"] != [block["entry"].scope]:
+            raise EmitError(f"torch target: {first.scope} reads {inputs(graph, first.scope)}, not its block's features")
+        rest, entry, cin = members, block["entry"], block["entry"].shape[0]
+    chain = _chain(graph, rest, entry.scope)
+    parent = _parent(members, 3)
+    if parent[:2] != block["path"]:
+        raise EmitError(f"torch target: {first.scope} is outside its block {'.'.join(block['path'])}")
+    out = unit_output(graph, members)
+    if out.scope != chain[-1].scope:
+        raise EmitError(f"torch target: {unit}: its output {out.scope} is not the end of its chain")
+    call = classes.instance(UnitKind.DENSE_LAYER, chain, cin)
+    init.add(f"block.{_ident(parent[2])} = {call}")
+    block["features"].append(chain[-1].scope)
+    block["layers"].append(out)
+
+
+def _check_features(graph: nx.DiGraph, cat: Node, features: list[str]) -> None:
+    """A concatenation must read exactly the block's features so far, in order: what DenseBlock passes."""
+    got = inputs(graph, cat.scope)
+    if got != features:
+        raise EmitError(
+            f"torch target: {cat.scope} concatenates {got}; this target implements only the block's "
+            f"features in order {features}"
+        )
+
+
+def _close_block(graph: nx.DiGraph, members: list[Node], block: dict) -> tuple[str, str, str]:
+    """Check a block's output; return its comment, its line in __init__ and its shape comment."""
+    (cat,) = members
+    if cat.op is not OpKind.CONCAT:
+        raise EmitError(f"torch target: {cat.scope}: a block ends in a concatenation, not a {cat.op.value}")
+    _check_features(graph, cat, block["features"])
+    if cat.path[:-1] != block["path"]:
+        raise EmitError(f"torch target: {cat.scope} is outside its block {'.'.join(block['path'])}")
+    block["open"] = False
+    layers = block["layers"]
+    growths = sorted({n.shape[0] for n in layers})
+    count = f"{len(layers)} layer{'s' if len(layers) != 1 else ''}"
+    growth = " and ".join(map(str, growths))
+    summary = f"{block['module']}: {count} of growth {growth}, {block['entry'].shape[0]} -> {cat.shape[0]} channels"
+    return f"# {summary}", f"features.{_ident(block['module'])} = block = DenseBlock()", _shape(cat)
+
+
 def _network_name(name) -> str:
-    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name) or not name.isascii():
         raise EmitError(f"torch target: network name {name!r} is not a Python identifier")
     if name in _TAKEN or name.startswith("_") or hasattr(builtins, name):
         raise EmitError(f"torch target: network name '{name}' would shadow a name the generated module uses")
     return name
 
 
-def _block(stage: str, members: list[Node], kinds: set[str]) -> Block:
-    layers: dict[str, dict[str, Node]] = {}
-    for n in members:
-        parts = n.scope.split(".")
-        if len(parts) == 4 and parts[2].startswith("denselayer"):
-            layers.setdefault(parts[2], {})[parts[3]] = n
-        elif n.scope != f"features.{stage}.cat":
-            raise EmitError(f"torch target: unexpected node {n.scope}")
-    entries, growths = [], set()
-    for layer, ops in layers.items():
-        _ident(layer)
-        module, kind = _layer_module(f"features.{stage}.{layer}", ops)
-        kinds.add(kind)
-        last = max(ops.values(), key=lambda n: n.order)
-        growths.add(last.shape[0])
-        entries.append(_entry_line(LAYER_INDENT, Entry(layer, module, _shape(last))))
-    first = _int(next(iter(layers.values()))["norm1"].shape[0])  # each layer was checked to have norm1
-    out = _int(_only(members, f"features.{stage}.cat").shape[0])
-    growth = " and ".join(_int(g) for g in sorted(growths))
-    count = f"{len(entries)} layer{'s' if len(entries) != 1 else ''}"
-    return Block(stage, f"{count} of growth {growth}, {first} -> {out} channels", entries)
-
-
-_BOTTLENECK = {"norm1", "relu1", "conv1", "norm2", "relu2", "conv2"}
-_PLAIN = {"norm1", "relu1", "conv1"}
-
-
-def _layer_module(scope: str, ops: dict[str, Node]) -> tuple[str, str]:
-    """The constructor call of one dense layer, and which helper class it needs."""
-    names = set(ops) - {"cat", "drop1", "drop2"}
-    drops = "".join(f", {d}={_rate(ops[d].attrs.rate)}" for d in ("drop1", "drop2") if d in ops)
-    for bn in ("norm1", "norm2"):
-        if bn in ops:
-            _check_bn(ops[bn])
-    if names == _BOTTLENECK:
-        width, growth = ops["conv1"].attrs.out_channels, ops["conv2"].attrs.out_channels
-        _check(ops["conv1"], ConvAttrs(width, 1))
-        _check(ops["conv2"], ConvAttrs(growth, 3, 1, 1))
-        return (
-            f"DenseLayer({_int(ops['norm1'].shape[0])}, {_int(width)}, {_int(growth)}, memory_efficient{drops})",
-            "dense_layer",
-        )
-    if names == _PLAIN and "drop2" not in ops:
-        growth = ops["conv1"].attrs.out_channels
-        _check(ops["conv1"], ConvAttrs(growth, 3, 1, 1))
-        return f"PlainDenseLayer({_int(ops['norm1'].shape[0])}, {_int(growth)}{drops})", "plain_layer"
-    raise EmitError(f"torch target: {scope} has ops {sorted(ops)}, which no layer template implements")
-
-
-def _transition(stage: str, members: list[Node]) -> str:
-    ops = {n.scope.rsplit(".", 1)[-1]: n for n in members}
-    if set(ops) - {"drop"} != {"norm", "relu", "conv", "pool"}:
-        raise EmitError(f"torch target: {stage} has ops {sorted(ops)}, which the transition template does not")
-    _check_bn(ops["norm"])
-    out = ops["conv"].attrs.out_channels
-    _check(ops["conv"], ConvAttrs(out, 1))
-    _check(ops["pool"], PoolAttrs(2, 2))
-    if ops["pool"].op is not OpKind.AVGPOOL:
-        raise EmitError(f"torch target: {stage}.pool must be an average pool")
-    drop = f", drop={_rate(ops['drop'].attrs.rate)}" if "drop" in ops else ""
-    return f"Transition({_int(ops['norm'].shape[0])}, {_int(out)}{drop})"
-
-
-def _stem_module(n: Node, graph: nx.DiGraph) -> str:
-    """The constructor call of a stem (or norm5/relu5) module."""
-    a = n.attrs
-    if n.op is OpKind.CONV:
-        (src,) = graph.predecessors(n.scope)
-        c = graph.nodes[src]["node"].shape[0]
-        pad = f", padding={_int(a.padding)}" if a.padding else ""
-        return (
-            f"nn.Conv2d({_int(c)}, {_int(a.out_channels)}, kernel_size={_int(a.kernel)}, "
-            f"stride={_int(a.stride)}{pad}, bias={bool(a.bias)!r})"
-        )
-    if n.op is OpKind.BATCHNORM:
-        _check_bn(n)
-        return f"nn.BatchNorm2d({_int(n.shape[0])})"
-    if n.op is OpKind.RELU:
-        return "nn.ReLU()"
-    if n.op is OpKind.MAXPOOL:
-        return f"nn.MaxPool2d(kernel_size={_int(a.kernel)}, stride={_int(a.stride)}, padding={_int(a.padding)})"
-    raise EmitError(f"torch target: no module for {n.scope} ({n.op.value})")
-
-
-def _check(n: Node, expected) -> None:
-    if n.attrs != expected:
-        raise EmitError(f"torch target: {n.scope} is {n.attrs}, the template implements {expected}")
-
-
-def _check_bn(n: Node) -> None:
-    _check(n, BatchNormAttrs())  # nn.BatchNorm2d's defaults, which the templates rely on
-
-
-def _only(members: list[Node], scope: str) -> Node:
-    return _need({n.scope: n for n in members}, scope)
-
-
-def _need(nodes: dict[str, Node], scope: str) -> Node:
-    if scope not in nodes:
-        raise EmitError(f"torch target: the IR has no {scope}")
-    return nodes[scope]
-
-
-def _leaf(n: Node) -> str:
-    return _ident(n.scope.rsplit(".", 1)[-1])
-
-
 def _ident(name: str) -> str:
-    """A module name that goes into the source as an attribute and a string: an identifier, nothing else."""
-    if not name.isidentifier() or keyword.iskeyword(name) or not name.isascii():
+    """A module name that goes into the source as an attribute: an ASCII identifier, nothing else."""
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name) or not name.isascii():
         raise EmitError(f"torch target: module name {name!r} is not a plain identifier")
     return name
 
@@ -272,6 +537,12 @@ def _int(v) -> str:
     return str(v)
 
 
+def _float(v) -> str:
+    if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+        raise EmitError(f"torch target: expected a finite number, got {v!r}")
+    return repr(float(v))
+
+
 def _rate(v) -> str:
     if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or not 0 <= v < 1:
         raise EmitError(f"torch target: expected a rate in [0, 1), got {v!r}")
@@ -280,8 +551,3 @@ def _rate(v) -> str:
 
 def _shape(n: Node) -> str:
     return "(" + ", ".join(["B", *map(_int, n.shape)]) + ")"
-
-
-def _printable(text: str) -> str:
-    """A path for a comment: as is when printable, else its escaped repr (no line breaks in a comment)."""
-    return text if text.isprintable() else ascii(text)

@@ -10,7 +10,6 @@ templates/graph/ only loop and substitute. SVG and PNG come from Graphviz `dot`.
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 
 from dnc.errors import DncError
-from dnc.ir import Node, OpKind, inputs, node, ordered, output
+from dnc.ir import Node, OpKind, UnitKind, growth, inputs, node, ordered, output
 from dnc.jinja import environment
 
 TEXT_FORMATS = ("dot", "mermaid")
@@ -27,7 +26,6 @@ NO_DOT = (
     "Graphviz 'dot' not found; install it (apt-get install graphviz / brew install graphviz) "
     "or use --format dot|mermaid"
 )
-_LAYER = re.compile(r"^features\.(denseblock\d+)\.(denselayer\d+)\.")
 
 
 @dataclass
@@ -73,8 +71,9 @@ def picture(graph: nx.DiGraph, detail: str = "block") -> Picture:
         if unit.nodes:
             unit.lines = _label(graph, unit, detail)
     for block in clusters:
-        layers = [u for u in units.values() if u.cluster == block and u.id != f"{block}_cat"]
-        clusters[block] = f"{block}: {len(layers)} layers, k={_growth(graph, layers[0].nodes)}"
+        layers = [n for u in units.values() if u.cluster == block for n in u.nodes]
+        count = len({n.unit for n in layers if n.unit.kind is UnitKind.DENSE_LAYER})
+        clusters[block] = f"{block}: {count} layer{'s' if count != 1 else ''}, k={_growth(graph, layers)}"
     edges: dict[tuple[str, str], Edge] = {}
     labelled: set[str] = set()  # a feature map fanning out to a whole block is labelled once
     for n in ordered(graph):
@@ -89,10 +88,13 @@ def picture(graph: nx.DiGraph, detail: str = "block") -> Picture:
 
 
 def _unit_id(n: Node, detail: str) -> tuple[str, str | None]:
-    if detail == "layer" and n.stage.startswith("denseblock"):
-        m = _LAYER.match(n.scope)
-        return (f"{m.group(1)}_{m.group(2)}" if m else f"{n.stage}_cat"), n.stage
-    return n.stage, None
+    """The picture's unit a node belongs to, and the dense block it is drawn inside (layer detail)."""
+    unit = n.unit
+    if detail == "layer" and unit.kind is UnitKind.DENSE_LAYER:
+        return f"{unit.stage}_denselayer{unit.layer}", unit.stage
+    if detail == "layer" and unit.kind is UnitKind.BLOCK_OUTPUT:
+        return f"{unit.stage}_cat", unit.stage
+    return unit.stage, None
 
 
 def _shape(shape) -> str:
@@ -102,9 +104,13 @@ def _shape(shape) -> str:
     return "x".join(map(str, shape))
 
 
-def _growth(graph: nx.DiGraph, nodes: list[Node]) -> int:
-    convs = [n for n in nodes if n.op is OpKind.CONV]
-    return convs[-1].attrs.out_channels
+def _growth(graph: nx.DiGraph, nodes: list[Node]) -> str:
+    """The growth of the dense layers among `nodes` ("12", or "12 and 24" where they differ)."""
+    layers: dict = {}
+    for n in nodes:
+        if n.unit.kind is UnitKind.DENSE_LAYER:
+            layers.setdefault(n.unit, []).append(n)
+    return " and ".join(str(g) for g in sorted({growth(graph, members) for members in layers.values()}))
 
 
 def _op(n: Node, graph: nx.DiGraph) -> str | None:
@@ -129,17 +135,18 @@ def _label(graph: nx.DiGraph, unit: Unit, detail: str) -> list[str]:
     if first.op is OpKind.INPUT:
         return ["input", _shape(first.shape)]
     ops = [op for op in (_op(n, graph) for n in nodes) if op]
-    if unit.cluster is None and first.stage.startswith("denseblock"):
-        layers = len({_LAYER.match(n.scope).group(2) for n in nodes if _LAYER.match(n.scope)})
-        per_layer = [_op(n, graph) for n in nodes if n.op is OpKind.CONV and ".denselayer1." in n.scope]
-        return [first.stage, f"{layers} layers, k={_growth(graph, nodes)}", "each: " + ", ".join(per_layer)]
+    if unit.cluster is None and first.unit.kind is UnitKind.DENSE_LAYER:
+        layers = sorted({n.unit for n in nodes if n.unit.kind is UnitKind.DENSE_LAYER})
+        per_layer = [_op(n, graph) for n in nodes if n.op is OpKind.CONV and n.unit == layers[0]]
+        count = f"{len(layers)} layer{'s' if len(layers) != 1 else ''}"
+        return [first.stage, f"{count}, k={_growth(graph, nodes)}", "each: " + ", ".join(per_layer)]
     if unit.cluster is not None:
-        if unit.id.endswith("_cat"):
+        if first.unit.kind is UnitKind.BLOCK_OUTPUT:
             return ["concat", _shape(nodes[-1].shape)]
         channels_in = (
             first.shape[0] if first.op is OpKind.CONCAT else node(graph, inputs(graph, first.scope)[0]).shape[0]
         )
-        return [unit.id.split("_", 1)[1], f"{channels_in}ch in", ", ".join(ops)]
+        return [f"denselayer{first.unit.layer}", f"{channels_in}ch in", ", ".join(ops)]
     return [first.stage, *_chunks(ops)]
 
 

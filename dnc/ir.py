@@ -1,10 +1,14 @@
 """The IR: a networkx DiGraph whose nodes map to frozen `Node` records.
 
-Node ids are scopes: the module path torchvision uses for the same parameter
-(`features.denseblock2.denselayer7.conv1`), or, for ops without parameters, the
-path they would have (`features.denseblock2.denselayer7.cat`). Edges carry `port`,
-the input's position, so a concat's inputs are ordered. Graph attributes hold what
-concerns the whole network (name, source spec, options). No torch here.
+Each node carries its op and attributes (the op table in ops.py says what they
+mean), its module path as a tuple (`("features", "denseblock2", "denselayer7",
+"conv1")`, torchvision's layout; ops torchvision calls functionally get a path
+beside them), and its typed `Unit`: which stem, dense layer, block output,
+transition or head it belongs to, with block and layer indices. Structure is read
+from these, never from strings. The node id is the dotted path (`scope`). Edges
+carry `port`, the input's position, so a concat's inputs are ordered. Graph
+attributes hold what concerns the whole network (name, source spec, options).
+No torch here.
 """
 
 from __future__ import annotations
@@ -16,109 +20,89 @@ from enum import StrEnum
 import networkx as nx
 
 from dnc.errors import Location
+from dnc.ops import (  # noqa: F401 (re-exported: the IR's vocabulary)
+    OPS,
+    Attrs,
+    BatchNormAttrs,
+    ConvAttrs,
+    DropoutAttrs,
+    InputAttrs,
+    LinearAttrs,
+    NoAttrs,
+    OpKind,
+    PoolAttrs,
+    Shape,
+    Tensor,
+)
 
-Shape = tuple[int, ...]  # per-sample: (C, H, W) for feature maps, (F,) after flatten
 
-
-class OpKind(StrEnum):
+class UnitKind(StrEnum):
     INPUT = "input"
-    CONV = "conv"
-    BATCHNORM = "batchnorm"
-    RELU = "relu"
-    MAXPOOL = "maxpool"
-    AVGPOOL = "avgpool"
-    CONCAT = "concat"
-    DROPOUT = "dropout"
-    GLOBAL_AVGPOOL = "global_avgpool"
-    FLATTEN = "flatten"
-    LINEAR = "linear"
+    STEM = "stem"
+    DENSE_LAYER = "dense_layer"
+    BLOCK_OUTPUT = "block_output"  # the concatenation that ends a dense block
+    TRANSITION = "transition"
+    HEAD = "head"
 
 
-@dataclass(frozen=True)
-class InputAttrs:
-    channels: int
-    height: int
-    width: int
+@dataclass(frozen=True, order=True)
+class Unit:
+    """What a node belongs to. `block` and `layer` are 1-based; 0 where they do not apply."""
 
+    kind: UnitKind
+    block: int = 0
+    layer: int = 0
 
-@dataclass(frozen=True)
-class ConvAttrs:
-    out_channels: int
-    kernel: int
-    stride: int = 1
-    padding: int = 0
-    bias: bool = False
+    @property
+    def stage(self) -> str:
+        """The stage a summary shows this unit in: stem, denseblockN, transitionN, head (or input)."""
+        if self.kind in (UnitKind.DENSE_LAYER, UnitKind.BLOCK_OUTPUT):
+            return f"denseblock{self.block}"
+        if self.kind is UnitKind.TRANSITION:
+            return f"transition{self.block}"
+        return self.kind.value
 
-
-@dataclass(frozen=True)
-class BatchNormAttrs:
-    eps: float = 1e-5
-    momentum: float = 0.1
-
-
-@dataclass(frozen=True)
-class PoolAttrs:
-    kernel: int
-    stride: int
-    padding: int = 0
-
-
-@dataclass(frozen=True)
-class DropoutAttrs:
-    rate: float
-
-
-@dataclass(frozen=True)
-class LinearAttrs:
-    out_features: int
-    bias: bool = True
-
-
-@dataclass(frozen=True)
-class NoAttrs:
-    pass
-
-
-Attrs = InputAttrs | ConvAttrs | BatchNormAttrs | PoolAttrs | DropoutAttrs | LinearAttrs | NoAttrs
-
-ATTRS_OF: dict[OpKind, type] = {
-    OpKind.INPUT: InputAttrs,
-    OpKind.CONV: ConvAttrs,
-    OpKind.BATCHNORM: BatchNormAttrs,
-    OpKind.RELU: NoAttrs,
-    OpKind.MAXPOOL: PoolAttrs,
-    OpKind.AVGPOOL: PoolAttrs,
-    OpKind.CONCAT: NoAttrs,
-    OpKind.DROPOUT: DropoutAttrs,
-    OpKind.GLOBAL_AVGPOOL: NoAttrs,
-    OpKind.FLATTEN: NoAttrs,
-    OpKind.LINEAR: LinearAttrs,
-}
-
-# How many inputs each op takes (None: one or more, in order).
-ARITY: dict[OpKind, int | None] = {op: 1 for op in OpKind} | {OpKind.INPUT: 0, OpKind.CONCAT: None}
+    def __str__(self) -> str:
+        if self.kind is UnitKind.DENSE_LAYER:
+            return f"{self.stage}.denselayer{self.layer}"
+        return self.stage
 
 
 @dataclass(frozen=True)
 class Node:
     """One operator. The inferred fields are None until `infer.infer` fills them in."""
 
-    scope: str  # module path, e.g. features.denseblock1.denselayer1.conv1; also the node id
+    path: tuple[str, ...]  # module path, e.g. ("features", "denseblock1", "denselayer1", "conv1")
     op: OpKind
     attrs: Attrs
-    stage: str  # stem, denseblock1, transition1, ..., head
+    unit: Unit
     order: int  # creation order: the tie-break that keeps every walk deterministic
     origin: Location | None = None  # the spec field this node comes from, for errors
     shape: Shape | None = None
+    tensors: tuple[Tensor, ...] | None = None  # state_dict entries, from the op table
     params: int | None = None
     macs: int | None = None
+
+    @property
+    def scope(self) -> str:
+        """The dotted module path: the node id, and the prefix of its state_dict keys."""
+        return ".".join(self.path)
+
+    @property
+    def name(self) -> str:
+        """The module's own name inside its parent (`conv1`)."""
+        return self.path[-1]
+
+    @property
+    def stage(self) -> str:
+        return self.unit.stage
 
     def replace(self, **changes) -> Node:
         return dataclasses.replace(self, **changes)
 
 
 class IRError(AssertionError):
-    """A broken invariant of the IR itself: a bug in dnc, not a user's mistake."""
+    """A broken invariant of the IR itself: a bug in dnc (or in a pass), not a user's mistake."""
 
 
 def node(graph: nx.DiGraph, scope: str) -> Node:
@@ -130,18 +114,44 @@ def inputs(graph: nx.DiGraph, scope: str) -> list[str]:
     return sorted(graph.pred[scope], key=lambda src: graph.pred[scope][src]["port"])
 
 
+def input_nodes(graph: nx.DiGraph, n: Node) -> list[Node]:
+    return [node(graph, src) for src in inputs(graph, n.scope)]
+
+
 def ordered(graph: nx.DiGraph) -> list[Node]:
     """All nodes in a stable topological order: creation order, which `verify` checks is one."""
     return sorted((data["node"] for _, data in graph.nodes(data=True)), key=lambda n: n.order)
 
 
-def stages(graph: nx.DiGraph) -> list[str]:
-    """Stage names in network order."""
-    seen: dict[str, None] = {}
+def units(graph: nx.DiGraph) -> dict[Unit, list[Node]]:
+    """Each unit's nodes, units in network order, nodes in order."""
+    out: dict[Unit, list[Node]] = {}
     for n in ordered(graph):
-        if n.op is not OpKind.INPUT:
-            seen.setdefault(n.stage)
-    return list(seen)
+        out.setdefault(n.unit, []).append(n)
+    return out
+
+
+def stages(graph: nx.DiGraph) -> dict[str, list[Unit]]:
+    """Stage name -> its units, in network order (the input aside)."""
+    out: dict[str, list[Unit]] = {}
+    for unit in units(graph):
+        if unit.kind is not UnitKind.INPUT:
+            out.setdefault(unit.stage, []).append(unit)
+    return out
+
+
+def unit_output(graph: nx.DiGraph, members: list[Node]) -> Node:
+    """The node of a unit that other units read: the one whose consumers lie outside it."""
+    inside = {n.scope for n in members}
+    outs = [n for n in members if not graph.succ[n.scope] or any(s not in inside for s in graph.succ[n.scope])]
+    if len(outs) != 1:
+        raise IRError(f"unit {members[0].unit} has {len(outs)} outputs: {[n.scope for n in outs]}")
+    return outs[0]
+
+
+def growth(graph: nx.DiGraph, members: list[Node]) -> int:
+    """The channels a dense layer adds to its block: those of its output (inferred graph)."""
+    return unit_output(graph, members).shape[0]
 
 
 def graph_input(graph: nx.DiGraph) -> Node:
@@ -171,11 +181,13 @@ def verify(graph: nx.DiGraph, *, inferred: bool = False) -> None:
         if not isinstance(n, Node):
             raise IRError(f"{scope}: no Node record")
         if n.scope != scope:
-            raise IRError(f"{scope}: node id differs from its scope {n.scope!r}")
-        if not isinstance(n.attrs, ATTRS_OF[n.op]):
-            raise IRError(f"{scope}: {n.op.value} carries {type(n.attrs).__name__}")
+            raise IRError(f"{scope}: node id differs from its path {n.scope!r}")
+        if not isinstance(n.op, OpKind) or not isinstance(n.attrs, OPS[n.op].attrs):
+            raise IRError(f"{scope}: {n.op} carries {type(n.attrs).__name__}")
+        if not isinstance(n.unit, Unit) or (n.op is OpKind.INPUT) != (n.unit.kind is UnitKind.INPUT):
+            raise IRError(f"{scope}: {n.op} node in unit {n.unit!r}")
         ports = sorted(edge["port"] for edge in graph.pred[scope].values())
-        arity = ARITY[n.op]
+        arity = OPS[n.op].arity
         if (arity is None and not ports) or (arity is not None and len(ports) != arity):
             raise IRError(f"{scope}: {n.op.value} takes {arity or 'one or more'} inputs, has {len(ports)}")
         if ports != list(range(len(ports))):
@@ -186,8 +198,9 @@ def verify(graph: nx.DiGraph, *, inferred: bool = False) -> None:
             if graph.nodes[src]["node"].order >= n.order:
                 raise IRError(f"{scope}: input {src} does not come before it (order {n.order})")
         orders.add(n.order)
-        if inferred and (n.shape is None or n.params is None or n.macs is None):
-            raise IRError(f"{scope}: shape, params or MACs not inferred")
+        if inferred and (n.shape is None or n.tensors is None or n.params is None or n.macs is None):
+            raise IRError(f"{scope}: shape, tensors, params or MACs not inferred")
+    graph_input(graph)
     output(graph)
 
 
@@ -197,11 +210,11 @@ class Builder:
     def __init__(self, **graph_attrs):
         self.graph = nx.DiGraph(**graph_attrs)
 
-    def add(self, scope: str, op: OpKind, attrs: Attrs, stage: str, inputs: list[str], origin=None) -> str:
-        if scope in self.graph:
-            raise IRError(f"{scope}: added twice")
-        n = Node(scope=scope, op=op, attrs=attrs, stage=stage, order=len(self.graph), origin=origin)
-        self.graph.add_node(scope, node=n)
+    def add(self, path: tuple[str, ...], op: OpKind, attrs: Attrs, unit: Unit, inputs: list[str], origin=None) -> str:
+        n = Node(path=path, op=op, attrs=attrs, unit=unit, order=len(self.graph), origin=origin)
+        if n.scope in self.graph:
+            raise IRError(f"{n.scope}: added twice")
+        self.graph.add_node(n.scope, node=n)
         for port, src in enumerate(inputs):
-            self.graph.add_edge(src, scope, port=port)
-        return scope
+            self.graph.add_edge(src, n.scope, port=port)
+        return n.scope

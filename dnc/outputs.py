@@ -15,27 +15,53 @@ import networkx as nx
 
 from dnc.errors import EmitError, Location
 from dnc.pipeline import build
+from dnc.provenance import RECORD_SCAN, read_record
 
 
 def plan_outputs(
     specs: Sequence[Path],
     overrides: Sequence[str],
-    emit: Callable[[nx.DiGraph], str | bytes],
+    emit: Callable[[nx.DiGraph, dict], bytes],
+    options: dict,
     suffix: str,
     out_dir: Path,
+    recorded: bool = False,
 ) -> dict[Path, bytes]:
-    """Compile every spec in memory: output path -> content. Raises before anything is written."""
+    """Compile every spec in memory: output path -> content. Raises before anything is written.
+
+    With `recorded`, a spec whose output already exists is compiled with the overrides and
+    options recorded in that file's header (what `--check` judges it against).
+    """
     outputs: dict[Path, bytes] = {}
     sources: dict[Path, Path] = {}
     for spec_path in specs:
         _, graph = build(display_path(spec_path), overrides)
-        content = emit(graph)
         path = out_dir / f"{graph.graph['name']}{suffix}"
+        rec = read_record(_head(path)) if recorded else None
+        opts = options
+        if rec is not None and (tuple(rec["set"]) != tuple(overrides) or _options(rec) != options):
+            _, graph = build(display_path(spec_path), rec["set"])
+            opts = _options(rec)
         if path in outputs:
             raise EmitError(f"{spec_path} and {sources[path]} both name the network '{graph.graph['name']}' ({path})")
-        outputs[path] = content.encode() if isinstance(content, str) else content
+        outputs[path] = emit(graph, opts)
         sources[path] = spec_path
     return outputs
+
+
+def _options(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if k not in ("spec", "target", "set")}
+
+
+def _head(path: Path) -> str:
+    """The start of an existing output, where its provenance record is; empty if there is none."""
+    if not path.is_file():  # never open a FIFO or a device to look for a header
+        return ""
+    try:
+        with open(path, "rb") as f:
+            return f.read(RECORD_SCAN).decode("utf-8", errors="replace")
+    except OSError:
+        return ""
 
 
 def display_path(path: Path) -> Path:

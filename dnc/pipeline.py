@@ -1,20 +1,47 @@
-"""The pipeline as a straight list: load -> lower -> infer. Glue only."""
+"""The pipeline as a straight list: load -> lower -> infer -> *passes, the IR verified after every step.
+
+A pass is a function IR -> IR (an inferred `networkx.DiGraph` in, a new one out)
+with a name; adding one is appending it to the list a caller passes in.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import networkx as nx
 
 from dnc.infer import infer
+from dnc.ir import IRError, verify
 from dnc.loader import load_spec
 from dnc.lower import lower
+from dnc.provenance import spec_reference
 from dnc.spec import Spec
 
+Pass = Callable[[nx.DiGraph], nx.DiGraph]
+NamedPass = tuple[str, Pass]
 
-def build(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Spec, nx.DiGraph]:
-    """Load a spec file and return it with its inferred IR."""
+
+def compile_spec(spec: Spec, source: str = "", passes: Sequence[NamedPass] = ()) -> nx.DiGraph:
+    """Spec -> inferred IR, then each pass in order; `verify` runs after every step."""
+    graph = lower(spec, source)
+    _verified("lower", graph, inferred=False)
+    for name, step in (("infer", infer), *passes):
+        graph = _verified(name, step(graph), inferred=True)
+    return graph
+
+
+def build(path: str | Path, overrides: Sequence[str] = (), passes: Sequence[NamedPass] = ()) -> tuple[Spec, nx.DiGraph]:
+    """Load a spec file and return it with its inferred (and passed) IR."""
     spec = load_spec(path, overrides)
-    graph = lower(spec, source=Path(path).as_posix())
-    return spec, infer(graph)
+    graph = compile_spec(spec, spec_reference(path), passes)
+    graph.graph["overrides"] = tuple(overrides)  # for the provenance of generated files
+    return spec, graph
+
+
+def _verified(step: str, graph: nx.DiGraph, *, inferred: bool) -> nx.DiGraph:
+    try:
+        verify(graph, inferred=inferred)
+    except IRError as err:
+        raise IRError(f"after {step}: {err}") from None
+    return graph

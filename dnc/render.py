@@ -16,6 +16,7 @@ from dnc.diff import (
     show_value,
     stage_cells,
     totals,
+    verdict,
 )
 from dnc.summary import Summary
 
@@ -66,8 +67,10 @@ def diff_text(d: Diff, console: Console | None = None) -> None:
             console.width = 120
     a, b = d.a, d.b
     console.print(f"A: {a.source} ({a.data['name']})\nB: {b.source} ({b.data['name']})")
+    for c in d.options:
+        console.print(f"option {c.field}: {show_value(c.a)} → {show_value(c.b)}", markup=False)
     if d.same:
-        console.print("same network", style="bold green")
+        console.print(verdict(d), style="bold green")
         return
     console.print("different networks", style="bold red")
     fields = Table(title="spec fields (resolved)", title_justify="left")
@@ -89,9 +92,9 @@ def diff_text(d: Diff, console: Console | None = None) -> None:
     c = d.checkpoint
     console.print(f"checkpoint: {checkpoint_line(c)}", style="green" if c.loads else "yellow")
     for title, items in (
-        ("missing in B", key_groups(c.missing_in_b)),
-        ("new in B", key_groups(c.new_in_b)),
-        ("change shape", reshaped_groups(c.changed_shape)),
+        ("missing in B", key_groups(c.missing_in_b, a)),
+        ("new in B", key_groups(c.new_in_b, b)),
+        ("change shape", reshaped_groups(c.changed_shape, a)),
     ):
         for item in items[:SHOWN_KEY_GROUPS]:
             console.print(f"  {title}: {item}", markup=False)

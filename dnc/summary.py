@@ -6,7 +6,21 @@ from dataclasses import asdict, dataclass
 
 import networkx as nx
 
-from dnc.ir import OpKind, Shape, graph_input, inputs, node, ordered, output
+from dnc.ir import (
+    OpKind,
+    Shape,
+    UnitKind,
+    graph_input,
+    growth,
+    input_nodes,
+    inputs,
+    node,
+    ordered,
+    output,
+    stages,
+    unit_output,
+    units,
+)
 
 
 @dataclass(frozen=True)
@@ -40,25 +54,20 @@ class Summary:
 
 
 def summarize(graph: nx.DiGraph) -> Summary:
-    """Totals per stage, in network order, from an inferred graph."""
-    by_stage: dict[str, list] = {}
-    for n in ordered(graph):
-        if n.op is not OpKind.INPUT:
-            by_stage.setdefault(n.stage, []).append(n)
+    """Totals per stage, in network order, from an inferred graph's units."""
+    groups = units(graph)
     rows = []
-    for stage, nodes in by_stage.items():
-        first_inputs = inputs(graph, nodes[0].scope)
-        in_shape = node(graph, first_inputs[0]).shape
-        out_shape = nodes[-1].shape
-        layers = len({n.scope.rsplit(".", 1)[0] for n in nodes if ".denselayer" in n.scope})
-        growth = (out_shape[0] - in_shape[0]) // layers if layers else 0
+    for stage, members in stages(graph).items():
+        nodes = [n for unit in members for n in groups[unit]]
+        layers = [groups[u] for u in members if u.kind is UnitKind.DENSE_LAYER]
+        growths = {growth(graph, layer) for layer in layers}
         rows.append(
             StageRow(
                 stage=stage,
-                layers=layers,
-                growth_rate=growth,
-                input_shape=in_shape,
-                output_shape=out_shape,
+                layers=len(layers),
+                growth_rate=growths.pop() if len(growths) == 1 else 0,
+                input_shape=input_nodes(graph, nodes[0])[0].shape,
+                output_shape=unit_output(graph, groups[members[-1]]).shape,
                 params=sum(n.params for n in nodes),
                 macs=sum(n.macs for n in nodes),
             )

@@ -24,10 +24,11 @@ import torch
 
 from dnc import emit_torch
 from dnc.errors import DncError
-from dnc.infer import state_dict_shapes
+from dnc.infer import state_dict_layout
 from dnc.ir import graph_input, ordered, output
 from dnc.reference import to_torch, torchvision_densenet
 from dnc.spec import Spec
+from dnc.targets import Target
 from dnc.weights import network_state
 
 TOLERANCE = 1e-5
@@ -66,7 +67,7 @@ def verify(
     graph: nx.DiGraph,
     label: str,
     *,
-    target: str = "torch",
+    target: Target,
     weights: Path | None = None,
     device: str = "cpu",
     seed: int = 0,
@@ -80,12 +81,10 @@ def verify(
     against inference), and a PyTorch model is checked against inference alone.
     """
     dev = check_device(device)
-    state = network_state(state_dict_shapes(graph), weights, seed)
+    state = network_state(state_dict_layout(graph), weights, seed)
     how = f"seeded weights (seed {seed})" if weights is None else f"weights {weights}"
     tensors = to_torch(state)
-    generated = load_generated(graph).DenseNet()
-    generated.load_state_dict(tensors, strict=True)
-    generated.to(dev).eval()
+    generated = _generated_model(graph, tensors, dev)
     shape = (batch, *graph_input(graph).shape)
     x = torch.from_numpy(np.random.default_rng(seed).standard_normal(shape).astype(np.float32)).to(dev)
     try:
@@ -94,13 +93,13 @@ def verify(
         reference.to(dev).eval()
     except DncError as err:
         reference, why = None, err.message
-        if target == "onnx":
+        if target.name != "torch":
             reference, against = generated, f"the generated PyTorch model ({why})"
     with _full_float32(), torch.no_grad():
-        out = generated(x) if target == "torch" else torch.from_numpy(_run_onnx(graph, state, x, device)).to(dev)
+        out = torch.from_numpy(np.asarray(target.run(graph, state, x, device))).to(dev)
         ref = reference(x) if reference is not None else None
     where = f"{how}, input {tuple(shape)} on {dev.type}"
-    if target == "onnx":
+    if target.name == "onnx":
         label = f"{label} (onnx, onnxruntime)"
     if ref is None:
         return _check_inference(generated, out, graph, batch, f"{label}: no torchvision reference ({why}); {where}")
@@ -123,7 +122,19 @@ def _full_float32():
         torch.backends.cudnn.allow_tf32 = tf32
 
 
-def _run_onnx(graph: nx.DiGraph, state: dict, x: torch.Tensor, device: str) -> np.ndarray:
+def _generated_model(graph: nx.DiGraph, tensors: dict, dev: torch.device) -> torch.nn.Module:
+    model = load_generated(graph).DenseNet()
+    model.load_state_dict(tensors, strict=True)
+    return model.to(dev).eval()
+
+
+def run_torch(graph: nx.DiGraph, state: dict, x: torch.Tensor, device: str) -> np.ndarray:
+    """The torch target's runner: what `dnc compile --target torch` emits, with these weights, in eval mode."""
+    with torch.no_grad():
+        return _generated_model(graph, to_torch(state), x.device)(x).cpu().numpy()
+
+
+def run_onnx(graph: nx.DiGraph, state: dict, x: torch.Tensor, device: str) -> np.ndarray:
     """What `dnc compile --target onnx` emits for these weights, run on onnxruntime."""
     import onnxruntime as ort
 

@@ -14,12 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from dnc.errors import Location, WeightsError
+from dnc.ops import OLD_KEY_PATTERN, Init, Tensor
 
-# torchvision's old DenseNet checkpoints name `norm.1` what it now names `norm1`;
-# torchvision rewrites keys with this same pattern when it loads them.
-_OLD_KEY = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
-)
+_OLD_KEY = re.compile(OLD_KEY_PATTERN)
 _WRAPPERS = ("state_dict", "model", "model_state_dict")
 
 
@@ -103,47 +100,46 @@ def check_state(state: dict[str, np.ndarray], expected: dict[str, tuple[int, ...
         raise WeightsError("checkpoint does not fit the network: " + "; ".join(problems), Location(source))
 
 
-def seeded_state(expected: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
-    """Deterministic random weights for every key, BN running statistics randomised too.
+def seeded_state(layout: dict[str, Tensor], seed: int = 0) -> dict[str, np.ndarray]:
+    """Deterministic random weights for every key of a state_dict layout, BN running statistics randomised too.
 
     Each tensor draws from its own generator, seeded by (seed, key), so a tensor's
-    values do not depend on which other tensors the network has. Scales keep
-    activations of a deep DenseNet finite: He-normal convs, BN gamma near 1,
-    running variance in [0.5, 1.5].
+    values do not depend on which other tensors the network has. The op table says
+    how each tensor is filled; the scales keep activations of a deep DenseNet finite:
+    He-normal convs, BN gamma near 1, running variance in [0.5, 1.5].
     """
     out = {}
-    for key, shape in expected.items():
+    for key, t in layout.items():
         rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
-        leaf = key.rsplit(".", 1)[-1]
-        if leaf == "num_batches_tracked":
+        shape = t.shape
+        if t.init is Init.COUNT:
             out[key] = np.array(rng.integers(0, 1000), dtype=np.int64)
-        elif leaf == "running_var":
+        elif t.init is Init.RUNNING_VAR:
             out[key] = rng.uniform(0.5, 1.5, shape).astype(np.float32)
-        elif leaf == "running_mean":
+        elif t.init is Init.RUNNING_MEAN:
             out[key] = rng.normal(0.0, 0.1, shape).astype(np.float32)
-        elif leaf == "weight" and len(shape) == 1:  # BN gamma
+        elif t.init is Init.GAMMA:
             out[key] = rng.uniform(0.8, 1.2, shape).astype(np.float32)
-        elif leaf == "bias":
+        elif t.init is Init.SMALL:
             out[key] = rng.normal(0.0, 0.05, shape).astype(np.float32)
-        else:  # conv or linear weight
+        else:  # He-normal conv or linear weight
             fan_in = int(np.prod(shape[1:]))
             out[key] = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
     return out
 
 
-def network_state(
-    expected: dict[str, tuple[int, ...]], weights: str | Path | None = None, seed: int = 0
-) -> dict[str, np.ndarray]:
+def network_state(layout: dict[str, Tensor], weights: str | Path | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     """The weights of a network: a checkpoint checked against `expected`, or seeded ones.
 
     Checkpoints saved before PyTorch 0.4 (torchvision's own DenseNet downloads among
     them) have no BN `num_batches_tracked`; like torch's BatchNorm, take it as 0.
     """
     if weights is None:
-        return seeded_state(expected, seed)
+        return seeded_state(layout, seed)
+    expected = {key: t.shape for key, t in layout.items()}
     state = read_checkpoint(weights)
-    for key in expected:
-        if key.endswith(".num_batches_tracked") and key not in state:
+    for key, t in layout.items():
+        if t.init is Init.COUNT and key not in state:
             state[key] = np.array(0, dtype=np.int64)
     check_state(state, expected, str(weights))
     return state

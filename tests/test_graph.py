@@ -23,7 +23,7 @@ needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz 'do
 
 def test_stage_list_matches_ir():
     _, graph = build(SPEC)
-    assert stages(graph) == STAGES
+    assert list(stages(graph)) == STAGES
 
 
 @needs_dot

@@ -15,7 +15,7 @@ import pytest
 from conftest import CIFAR_SPECS, TORCHVISION_SPECS, spec_path
 
 from dnc.emit_onnx import emit_onnx
-from dnc.infer import state_dict_shapes
+from dnc.infer import state_dict_layout
 from dnc.ir import ordered
 from dnc.pipeline import build
 from dnc.weights import seeded_state
@@ -45,7 +45,7 @@ class Case:
 
     def __init__(self, name: str, overrides=()):
         self.spec, self.graph = build(spec_path(name), overrides)
-        self.state = seeded_state(state_dict_shapes(self.graph), seed=0)
+        self.state = seeded_state(state_dict_layout(self.graph), seed=0)
         self.model = emit_onnx(self.graph, self.state).SerializeToString()
         self.session = ort.InferenceSession(self.model, providers=["CPUExecutionProvider"])
         self.input_shape = ordered(self.graph)[0].shape

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import CIFAR_SPECS, ROOT, TORCHVISION_SPECS, import_file, spec_path
 
-from dnc.infer import state_dict_shapes
+from dnc.infer import state_dict_layout, state_dict_shapes
 from dnc.ir import graph_input, ordered, output
 from dnc.pipeline import build
 from dnc.reference import to_torch, torchvision_densenet
@@ -28,7 +28,7 @@ RTOL = 1e-5
 def models(name: str, device: str = "cpu"):
     """(generated, torchvision, graph), both with the same seeded weights, in eval mode."""
     spec, graph = build(spec_path(name))
-    state = to_torch(seeded_state(state_dict_shapes(graph), seed=1))
+    state = to_torch(seeded_state(state_dict_layout(graph), seed=1))
     generated = import_file(ROOT / "generated" / f"{name}.py").DenseNet()
     reference = torchvision_densenet(spec)
     generated.load_state_dict(state, strict=True)
@@ -96,7 +96,7 @@ def test_eval_matches_torchvision_on_cuda(name, monkeypatch):
 def test_cifar_shapes_and_params_as_inferred(name):
     _, graph = build(spec_path(name))
     model = import_file(ROOT / "generated" / f"{name}.py").DenseNet()
-    model.load_state_dict(to_torch(seeded_state(state_dict_shapes(graph))), strict=True)
+    model.load_state_dict(to_torch(seeded_state(state_dict_layout(graph))), strict=True)
     x = torch.randn(2, *graph_input(graph).shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = model.eval()(x)

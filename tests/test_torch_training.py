@@ -6,13 +6,14 @@ weights, same input, same dropout RNG stream, batch statistics in train mode.
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import pytest
 import torch
 from conftest import import_file, run_dnc
 
-from dnc.infer import state_dict_shapes
+from dnc.infer import state_dict_layout
 from dnc.pipeline import build
 from dnc.reference import to_torch, torchvision_densenet
 from dnc.weights import seeded_state
@@ -49,7 +50,7 @@ def tiny(tmp_path_factory):
 
 
 def pair(module, spec, graph, **kwargs):
-    state = to_torch(seeded_state(state_dict_shapes(graph), seed=3))
+    state = to_torch(seeded_state(state_dict_layout(graph), seed=3))
     generated, reference = module.DenseNet(**kwargs), torchvision_densenet(spec)
     if "memory_efficient" in kwargs:
         reference = type(reference)(
@@ -97,8 +98,10 @@ def test_memory_efficient_from_the_spec_and_dropout_at_every_conv(tmp_path):
     module, _, _ = compile_tiny(tmp_path, "memory_efficient=true", "dropout_at=every_conv")
     model = module.DenseNet()
     layer = model.features.denseblock1.denselayer1
-    assert layer.memory_efficient and layer.drop1 == layer.drop2 == 0.2
-    assert model.features.transition1.drop == 0.2
+    assert layer.memory_efficient and layer.drop_rate == 0.2
+    assert model.features.transition1.drop_rate == 0.2
+    forward = inspect.getsource(type(layer).forward)  # every_conv: dropout after conv1 and after conv2
+    assert forward.count("F.dropout") == 1 and inspect.getsource(type(layer).bottleneck).count("F.dropout") == 1
     assert not module.DenseNet(memory_efficient=False).features.denseblock2.denselayer3.memory_efficient
 
 
@@ -185,7 +188,7 @@ def test_specs_torchvision_cannot_express(tmp_path, overrides):
 
     module, _, graph = compile_tiny(tmp_path, *overrides)
     model = module.DenseNet()
-    model.load_state_dict(to_torch(seeded_state(state_dict_shapes(graph))), strict=True)
+    model.load_state_dict(to_torch(seeded_state(state_dict_layout(graph))), strict=True)
     out = model.eval()(torch.randn(2, 3, 32, 32))
     assert tuple(out.shape) == (2, *output(graph).shape)
     assert sum(p.numel() for p in model.parameters()) == sum(n.params for n in ordered(graph))

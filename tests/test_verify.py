@@ -134,6 +134,7 @@ def test_verify_on_cuda(small):
 def test_verify_mismatch_exits_1(small, monkeypatch, tmp_path):
     """A generated model that computes something else fails verification with exit 1."""
     import dnc.verify
+    from dnc.targets import TARGETS
 
     _, graph = build(small)
     module = dnc.verify.load_generated(graph)
@@ -144,6 +145,6 @@ def test_verify_mismatch_exits_1(small, monkeypatch, tmp_path):
 
     monkeypatch.setattr(dnc.verify, "load_generated", lambda g: type("M", (), {"DenseNet": Broken}))
     spec, graph = build(small)
-    outcome = dnc.verify.verify(spec, graph, "small")
+    outcome = dnc.verify.verify(spec, graph, "small", target=TARGETS["torch"])
     assert not outcome.ok
     assert "MISMATCH" in outcome.line
