@@ -26,6 +26,7 @@ import dataclasses
 import json
 import keyword
 import math
+import textwrap
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -329,10 +330,12 @@ def _class_doc(cls: UnitClass) -> str:
         parts.append(word)
         if i in cls.drop_slots:
             parts.append("dropout")
-    what = "Dense layer" if cls.kind is UnitKind.DENSE_LAYER else "Transition between dense blocks"
-    joined = "-".join(parts)
-    reads = " of the concatenated block features" if cls.kind is UnitKind.DENSE_LAYER else ""
-    return f"{what}: {joined}{reads}."
+    if cls.kind is UnitKind.DENSE_LAYER:
+        what = "Dense layer: reads the concatenation of its block's features so far."
+    else:
+        what = "Transition between dense blocks."
+    chain = textwrap.wrap("-".join(parts) + ".", width=LINE_LENGTH - 24, break_on_hyphens=True)
+    return what + "\n\n" + "\n".join(f"    {line}" for line in chain) + "\n    "
 
 
 # -- the whole module -----------------------------------------------------------------

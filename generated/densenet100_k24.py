@@ -42,7 +42,10 @@ def _upgrade_old_keys(module, state_dict, prefix, local_metadata, strict, missin
 
 
 class PlainDenseLayer(nn.Module):
-    """Dense layer: BN-ReLU-Conv(3x3) to `growth` of the concatenated block features."""
+    """Dense layer: reads the concatenation of its block's features so far.
+
+    BN-ReLU-Conv(3x3) to `growth`.
+    """
 
     def __init__(self, in_channels: int, growth: int) -> None:
         super().__init__()
@@ -59,7 +62,10 @@ class PlainDenseLayer(nn.Module):
 
 
 class Transition(nn.Module):
-    """Transition between dense blocks: BN-ReLU-Conv(1x1) to `out_channels`-AvgPool(2x2/2)."""
+    """Transition between dense blocks.
+
+    BN-ReLU-Conv(1x1) to `out_channels`-AvgPool(2x2/2).
+    """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()

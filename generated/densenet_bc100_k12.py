@@ -50,7 +50,10 @@ def any_requires_grad(tensors: list[Tensor]) -> bool:
 
 
 class DenseLayer(nn.Module):
-    """Dense layer: BN-ReLU-Conv(1x1) to `width`-BN-ReLU-Conv(3x3) to `growth` of the concatenated block features."""
+    """Dense layer: reads the concatenation of its block's features so far.
+
+    BN-ReLU-Conv(1x1) to `width`-BN-ReLU-Conv(3x3) to `growth`.
+    """
 
     def __init__(self, in_channels: int, width: int, growth: int) -> None:
         super().__init__()
@@ -91,7 +94,10 @@ class DenseLayer(nn.Module):
 
 
 class Transition(nn.Module):
-    """Transition between dense blocks: BN-ReLU-Conv(1x1) to `out_channels`-AvgPool(2x2/2)."""
+    """Transition between dense blocks.
+
+    BN-ReLU-Conv(1x1) to `out_channels`-AvgPool(2x2/2).
+    """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
