@@ -243,3 +243,24 @@ def test_spec_wide_change_with_a_block_override(write_spec):
     assert [(c.field, c.a, c.b) for c in d.fields] == [("growth_rate", 8, 12)]  # block 1 keeps its k=4
     d = compare(load_side(str(a)), load_side(str(a), ["growth_rate=12", "blocks.1.growth_rate=16"]))
     assert [(c.field, c.a, c.b) for c in d.fields] == [("growth_rate", 8, 12), ("blocks.1.growth_rate", 4, 16)]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "status", "verdict"),
+    [
+        (["dropout_at=every_conv"], 0, "same network"),  # drop rate 0: no dropout anywhere, the same IR
+        (["memory_efficient=true"], 4, "same network, different options"),
+        (["input.size=[192,192]"], 1, "different networks"),  # same parameters, other shapes
+        (["drop_rate=0.1"], 1, "different networks"),
+    ],
+)
+def test_sameness_is_ir_equality_and_options_are_apart(overrides, status, verdict):
+    from click.testing import CliRunner
+
+    from dnc.cli import main
+
+    result = CliRunner().invoke(
+        main, ["diff", "specs/densenet121.yaml", "specs/densenet121.yaml", *sum((["--set", o] for o in overrides), [])]
+    )
+    assert result.exit_code == status, result.output
+    assert verdict in result.output

@@ -1,0 +1,201 @@
+"""The IR and its pipeline without torch: units, the verifier's every branch, passes, golden text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import networkx as nx
+import pytest
+from conftest import ROOT
+
+from dnc.errors import ShapeError
+from dnc.ir import (
+    Builder,
+    InputAttrs,
+    IRError,
+    NoAttrs,
+    OpKind,
+    Unit,
+    UnitKind,
+    inputs,
+    node,
+    ordered,
+    replace_node,
+    units,
+    verify,
+)
+from dnc.ir_text import ir_text
+from dnc.loader import load_spec
+from dnc.pipeline import build, compile_spec
+
+GOLDEN = Path(__file__).parent / "golden"
+TINY = """\
+version: 1
+name: tiny
+input: {channels: 3, size: [8, 8]}
+stem: {kind: cifar, width: 4}
+growth_rate: 2
+bn_size: 2
+compression: 0.5
+drop_rate: 0.1
+dropout_at: every_conv
+blocks: [2, {layers: 1, bn_size: null}]
+head: {classes: 3}
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+@pytest.mark.parametrize("name", ["tiny", "densenet121"])
+def test_lowering_matches_the_golden_ir_text(name, tiny):
+    """The whole lowered and inferred IR, one line a node; regenerate with `dnc ir` if lowering changes."""
+    _, graph = build(tiny if name == "tiny" else ROOT / "specs" / "densenet121.yaml")
+    assert ir_text(graph) == (GOLDEN / f"{name}.ir").read_text()
+
+
+def test_every_node_has_a_typed_unit_and_its_module_path(tiny):
+    _, graph = build(tiny)
+    kinds = [(u.kind, u.block, u.layer) for u in units(graph)]
+    assert kinds == [
+        (UnitKind.INPUT, 0, 0),
+        (UnitKind.STEM, 0, 0),
+        (UnitKind.DENSE_LAYER, 1, 1),
+        (UnitKind.DENSE_LAYER, 1, 2),
+        (UnitKind.BLOCK_OUTPUT, 1, 0),
+        (UnitKind.TRANSITION, 1, 0),
+        (UnitKind.DENSE_LAYER, 2, 1),
+        (UnitKind.BLOCK_OUTPUT, 2, 0),
+        (UnitKind.HEAD, 0, 0),
+    ]
+    conv = node(graph, "features.denseblock1.denselayer2.conv1")
+    assert conv.path == ("features", "denseblock1", "denselayer2", "conv1")
+    assert conv.unit == Unit(UnitKind.DENSE_LAYER, 1, 2) and conv.stage == "denseblock1" and conv.name == "conv1"
+
+
+def test_a_transition_that_compresses_to_no_channels_is_refused(tiny):
+    spec = load_spec(tiny, ["compression=0.1"])  # floor(0.1 * 8) = 0
+    with pytest.raises(
+        ShapeError, match=r"stage transition1: features.transition1.conv \(conv\) would have 0 channels"
+    ):
+        compile_spec(spec)
+
+
+# -- the pipeline of passes ---------------------------------------------------------------
+
+
+def _renamed(graph: nx.DiGraph) -> nx.DiGraph:
+    out = graph.copy()
+    out.graph["name"] = "renamed"
+    return out
+
+
+def _broken(graph: nx.DiGraph) -> nx.DiGraph:
+    out = graph.copy()
+    out.remove_edge("features.conv0", "features.denseblock1.denselayer1.norm1")
+    return out
+
+
+def test_passes_run_in_order_after_inference_and_are_verified(tiny):
+    spec = load_spec(tiny)
+    seen = []
+
+    def record(graph):
+        seen.append(all(node(graph, s).shape is not None for s in graph))
+        return graph
+
+    graph = compile_spec(spec, passes=[("record", record), ("rename", _renamed)])
+    assert seen == [True] and graph.graph["name"] == "renamed"
+    with pytest.raises(IRError, match=r"after broken: features.denseblock1.denselayer1.norm1: batchnorm takes 1"):
+        compile_spec(spec, passes=[("broken", _broken)])
+
+
+# -- every branch of the verifier ------------------------------------------------------------
+
+
+def _graph(tiny):
+    return build(tiny)[1].copy()
+
+
+def _add(graph, new, srcs):
+    graph.add_node(new.scope, node=new)
+    for port, src in enumerate(srcs):
+        graph.add_edge(src, new.scope, port=port)
+
+
+def _set(graph, scope, **changes):
+    replace_node(graph, node(graph, scope).replace(**changes))
+
+
+BREAKS = {
+    "no Node record": lambda g: g.add_node("stray"),
+    "node id differs from its path": lambda g: g.nodes["features.conv0"].update(
+        node=node(g, "features.conv0").replace(path=("features", "conv9"))
+    ),
+    "carries NoAttrs": lambda g: _set(g, "features.conv0", attrs=NoAttrs()),
+    "conv node in unit": lambda g: _set(g, "features.conv0", unit=Unit(UnitKind.INPUT)),
+    "takes 1 inputs, has 2": lambda g: g.add_edge("input", "features.denseblock1.denselayer1.norm1", port=1),
+    "takes one or more inputs, has 0": lambda g: [
+        g.remove_edge(s, "features.denseblock1.cat") for s in list(g.predecessors("features.denseblock1.cat"))
+    ],
+    "input ports [0, 2] are not 0..n-1": lambda g: g.edges[
+        "features.denseblock1.denselayer1.drop2", "features.denseblock1.denselayer2.cat"
+    ].update(port=2),
+    "is not unique": lambda g: _set(g, "features.conv0", order=0),
+    "does not come before it": lambda g: _set(g, "input", order=10_000),
+    "not inferred": lambda g: _set(g, "features.conv0", shape=None),
+    "expected one input node": lambda g: _add(g, node(g, "input").replace(path=("input2",), order=10_000), []),
+    "expected one output node": lambda g: _add(
+        g, node(g, "features.relu5").replace(path=("extra",), order=10_000), ["features.norm5"]
+    ),
+}
+
+
+@pytest.mark.parametrize("message", list(BREAKS))
+def test_the_verifier_names_each_broken_invariant(tiny, message):
+    graph = _graph(tiny)
+    verify(graph, inferred=True)  # intact
+    BREAKS[message](graph)
+    with pytest.raises(IRError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        verify(graph, inferred=True)
+
+
+def test_a_rebuilt_node_must_not_be_added_twice():
+    b = Builder()
+    b.add(("input",), OpKind.INPUT, InputAttrs(3, 8, 8), Unit(UnitKind.INPUT), [])
+    with pytest.raises(IRError, match="added twice"):
+        b.add(("input",), OpKind.RELU, NoAttrs(), Unit(UnitKind.STEM), [])
+
+
+def test_inference_fills_tensors_from_the_op_table(tiny):
+    _, graph = build(tiny)
+    norm = node(graph, "features.denseblock1.denselayer2.norm1")
+    assert [(t.name, t.shape, t.trainable, t.onnx) for t in norm.tensors] == [
+        ("weight", (6,), True, True),
+        ("bias", (6,), True, True),
+        ("running_mean", (6,), False, True),
+        ("running_var", (6,), False, True),
+        ("num_batches_tracked", (), False, False),
+    ]
+    assert norm.params == 12
+    assert [n.scope for n in ordered(graph)][:2] == ["input", "features.conv0"]
+    assert inputs(graph, "features.denseblock1.cat") == [
+        "features.conv0",
+        "features.denseblock1.denselayer1.drop2",
+        "features.denseblock1.denselayer2.drop2",
+    ]
+
+
+def test_dnc_ir_prints_the_text_form(tiny):
+    from click.testing import CliRunner
+
+    from dnc.cli import main
+
+    result = CliRunner().invoke(main, ["ir", str(tiny), "--set", "head.classes=5"])
+    assert result.exit_code == 0, result.output
+    assert result.output == ir_text(build(tiny, ["head.classes=5"])[1])
+    assert result.output.splitlines()[-2] == "  %classifier = linear[out_features=5](%flatten) : 5"
