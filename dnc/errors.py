@@ -45,3 +45,19 @@ class EmitError(DncError):
 
 class WeightsError(DncError):
     """A checkpoint file could not be read or does not fit the network."""
+
+
+class LimitError(SpecError):
+    """The spec asks for a network beyond a limit of dnc/limits.py (raisable with --limit)."""
+
+
+class DncWarning(UserWarning):
+    """Something worth one line on stderr that is not an error (a reused YAML anchor, a converted dtype)."""
+
+    def __init__(self, message: str, location: Location | None = None):
+        super().__init__(message)
+        self.message = message
+        self.location = location
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.message}" if self.location else self.message
