@@ -20,6 +20,7 @@ import networkx as nx
 from dnc.errors import DncError
 from dnc.ir import Node, OpKind, inputs, node, ordered, output
 from dnc.jinja import environment
+from dnc.text import visible
 
 TEXT_FORMATS = ("dot", "mermaid")
 IMAGE_FORMATS = ("svg", "png")
@@ -28,6 +29,9 @@ NO_DOT = (
     "or use --format dot|mermaid"
 )
 _LAYER = re.compile(r"^features\.(denseblock\d+)\.(denselayer\d+)\.")
+_MERMAID = {ord(ch): f"#{name};" for ch, name in [("#", "35"), ('"', "quot"), ("<", "lt"), (">", "gt")]} | {
+    ord(ch): f"#{ord(ch)};" for ch in "|[](){}`&"
+}
 
 
 @dataclass
@@ -151,15 +155,17 @@ def _chunks(ops: list[str], width: int = 3) -> list[str]:
 
 
 def _dot_label(lines: list[str]) -> str:
-    # DOT's \n escape is a centred line break inside a quoted label
-    escaped = "\\n".join(line.replace("\\", "\\\\").replace('"', '\\"') for line in lines)
+    # DOT's \n escape is a centred line break inside a quoted label; `visible` keeps each line one
+    # line, then backslashes and quotes are escaped so nothing ends the string or starts an escape
+    escaped = "\\n".join(visible(line).replace("\\", "\\\\").replace('"', '\\"') for line in lines)
     return f'"{escaped}"'
 
 
 def _mermaid_label(lines: list[str]) -> str:
-    # NOTE: Mermaid labels have no backslash escapes; entity codes are its way, <br> its newline
+    # NOTE: Mermaid labels have no backslash escapes; entity codes are its way, <br> its newline.
+    # Every character that could end a label or an edge text, or start markup, becomes an entity.
     def escape(line: str) -> str:
-        return line.replace("#", "#35;").replace('"', "#quot;").replace("<", "#lt;").replace(">", "#gt;")
+        return visible(line).translate(_MERMAID)
 
     return '"' + "<br>".join(escape(line) for line in lines) + '"'
 

@@ -67,10 +67,9 @@ def check_limits(spec: Spec, limits: Limits = Limits()) -> Estimate:
         field = ".".join(map(str, path))
         limit = getattr(limits, name)
         if value > limit:
-            raise LimitError(
-                f"{field}: {what or f'{value:,}'} is over the {name} limit of {limit:,} (raise it with --limit {name}=N)",
-                spec.locate(*path),
-            )
+            shown = what or f"{value:,}"
+            message = f"{field}: {shown} is over the {name} limit of {limit:,} (raise it with --limit {name}=N)"
+            raise LimitError(message, spec.locate(*path))
 
     for i, side in enumerate(spec.input.size):
         over(("input", "size", i), side, "input_size")

@@ -303,7 +303,12 @@ def _check_node(event: Any, is_key: bool, where: typing.Callable[[Any], Location
     tag = None if tag is None else str(getattr(tag, "value", tag))
     if tag is not None and tag not in CORE_TAGS and tag != "!":
         raise SpecError(f"tag {_show(tag)} is not allowed (a spec holds plain YAML values)", where(event))
-    if not isinstance(event, events.ScalarEvent) or event.style:  # quoted scalars are strings
+    if not isinstance(event, events.ScalarEvent):
+        return
+    bad = _CONTROL.search(event.value)  # from an escape in a double-quoted scalar ("\e", "\0")
+    if bad:
+        raise SpecError(f"control character U+{ord(bad.group()):04X} in a value is not allowed", where(event))
+    if event.style:  # quoted scalars are strings
         return
     if is_key and event.value == "<<":
         raise SpecError("merge keys (<<) are not supported; use extends: or repeat the fields", where(event))
