@@ -19,6 +19,7 @@ Choices, and why:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -41,12 +42,24 @@ DEFAULT_OPSET = 17  # widely supported by deployed runtimes (onnxruntime >= 1.13
 SUFFIX = ".onnx"
 INPUT_NAME, OUTPUT_NAME, BATCH = "input", "logits", "batch"
 SKIPPED = "num_batches_tracked"
+# NOTE: protobuf serialises one message of at most 2 GiB; the graph itself needs room beside the weights
+MAX_MODEL_BYTES = (2 << 30) - (64 << 20)
 
 
 def check_opset(opset: int) -> None:
     """Raise EmitError unless dnc can emit `opset`."""
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise EmitError(f"--opset {opset} is not supported: choose {MIN_OPSET} to {MAX_OPSET}")
+
+
+def check_model_size(expected: Mapping[str, tuple[int, ...]]) -> None:
+    """Refuse, before any weight exists, a model whose float32 weights do not fit one protobuf message."""
+    size = 4 * sum(math.prod(expected[k]) for k in initializer_keys(expected))
+    if size > MAX_MODEL_BYTES:
+        raise EmitError(
+            f"the ONNX model's weights take {size / (1 << 30):.1f} GiB, over the 2 GiB that one ONNX file "
+            "(a protobuf message) can hold; dnc does not write external data: make the network smaller"
+        )
 
 
 def initializer_keys(expected: Mapping[str, tuple[int, ...]]) -> list[str]:
@@ -155,5 +168,7 @@ def _make(n: Node, ins: list[str], out: str) -> onnx.NodeProto:
 def emit(graph: nx.DiGraph, weights: str | Path | None = None, seed: int = 0, opset: int = DEFAULT_OPSET) -> bytes:
     """The serialised model of `graph` (deterministic bytes), weights from a checkpoint or seeded."""
     check_opset(opset)
-    state = network_state(state_dict_shapes(graph), weights, seed)
+    expected = state_dict_shapes(graph)
+    check_model_size(expected)
+    state = network_state(expected, weights, seed)
     return emit_onnx(graph, state, opset).SerializeToString(deterministic=True)
