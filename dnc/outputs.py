@@ -83,7 +83,8 @@ def write_outputs(outputs: dict[Path, bytes]) -> list[Path]:
                 _remove_stale_temporaries(current)
                 temps[current] = _write_temporary(current, outputs[current], modes[current])
             for current in changed:  # every temporary is whole before the first rename
-                os.replace(temps.pop(current), current)
+                os.replace(temps[current], current)
+                del temps[current]
     except OSError as err:
         raise EmitError(f"cannot write: {err.strerror or err}", Location(str(current))) from None
     finally:
