@@ -126,7 +126,7 @@ def run_pipeline(content: str | bytes):
         spec, graph = build(path)
         emit_torch.emit(graph)
         emit_onnx.emit(graph)
-    except DncError as err:
+    except DncError:
         return None
     return spec, graph
 
