@@ -19,7 +19,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
-from dnc.errors import DncError, LimitError
+from dnc.errors import DncError, LimitError, ShapeError
 from dnc.spec import Spec
 
 _VALUE = re.compile(r"[0-9][0-9_]*")
@@ -140,6 +140,14 @@ def estimate_network(spec: Spec, limits: Limits = Limits()) -> Estimate:
             )
         if i < len(blocks) - 1:
             out = transition_channels(channels, b.compression)
+            if out < 1:  # NOTE: inference rejects it too; here it is named before anything is built
+                own = "compression" in spec.blocks[i].model_fields_set
+                path = ("blocks", i, "compression") if own else ("compression",)
+                raise ShapeError(
+                    f"{'.'.join(map(str, path))}: the transition after block {i + 1} would keep "
+                    f"floor({b.compression} x {channels}) = 0 channels",
+                    spec.locate(*path),
+                )
             params += 2 * channels + channels * out
             macs += channels * out * h * w
             channels, h, w = out, max(1, h // 2), max(1, w // 2)

@@ -258,7 +258,7 @@ def seeded_state(expected: dict[str, tuple[int, ...]], seed: int = 0) -> dict[st
         elif leaf == "bias":
             out[key] = rng.normal(0.0, 0.05, shape).astype(np.float32)
         else:  # conv or linear weight
-            fan_in = int(np.prod(shape[1:]))
+            fan_in = max(1, int(np.prod(shape[1:])))  # a tensor with no inputs must not divide by zero
             out[key] = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
     return out
 
