@@ -34,7 +34,7 @@ class Limits:
     channels: int = 65_536  # any channel count: widths, growth rate, bottleneck, a block's output, classes
     input_size: int = 8_192  # pixels on each side of the input
     params: int = 2_000_000_000  # trainable parameters (8 GB in float32)
-    macs: int = 10**13  # multiply-accumulates of one forward pass of one image
+    macs: int = 10**15  # multiply-accumulates of one forward pass of one image
 
     def raised(self, texts: Sequence[str]) -> Limits:
         """These limits with `NAME=N` settings (from `--limit`) applied."""
