@@ -2,6 +2,12 @@
 
 Heavy imports (torch, onnx, rich) happen inside the commands that need them, so
 that `dnc validate` and `dnc summary` stay fast.
+
+Exit codes: 0 success, 1 a difference or failed check (diff, verify, compile
+--check), 2 a user's mistake (one line on stderr), 3 a bug in dnc, 130 interrupted,
+141 the reader of stdout went away. Every line printed that carries text from
+outside (a path, a key, a revision) goes through `text.visible`, so one error is
+one line and no spec can forge a line or send a terminal escape.
 """
 
 from __future__ import annotations
@@ -11,17 +17,22 @@ import gc
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
 
-from dnc.errors import DncError
+from dnc.errors import DncError, DncWarning
+from dnc.limits import Limits
 from dnc.pipeline import build  # every command loads specs: networkx, pydantic, ruamel
 from dnc.targets import TARGETS
+from dnc.text import visible
 
 TARGET_NAMES = list(TARGETS)
 
 EXIT_ERROR = 2
+EXIT_BUG = 3
+EXIT_PIPE = 141  # 128 + SIGPIPE, as a shell reports a writer killed by a closed pipe
 
 spec_args = click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 spec_arg = click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
@@ -34,28 +45,88 @@ set_option = click.option(
 )
 
 
+def build_options(command):
+    """--limit and --spec-root, handed to the command as one `policy` of keyword arguments for `build`."""
+
+    @click.option(
+        "--limit",
+        "limit_texts",
+        multiple=True,
+        metavar="NAME=N",
+        help="Raise a network limit, e.g. --limit layers_per_block=1024 (repeatable; see README, Security).",
+    )
+    @click.option(
+        "--spec-root",
+        "spec_roots",
+        multiple=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Another folder `extends:` may read from [default: the spec's git work tree, or its folder].",
+    )
+    @functools.wraps(command)
+    def wrapper(*args, limit_texts, spec_roots, **kwargs):
+        try:
+            limits = Limits().raised(limit_texts)
+        except DncError as err:
+            fail(err)
+        return command(*args, policy={"limits": limits, "roots": spec_roots}, **kwargs)
+
+    return wrapper
+
+
 def report_errors(command):
     """Turn DncError into `file:line:col: error: message` and exit 2; never a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("default", DncWarning)
+                if not os.environ.get("DNC_DEBUG"):  # torch's and ruamel's warnings are not the user's business
+                    warnings.filterwarnings("ignore", module=r"(?!dnc)")
+                warnings.showwarning = _show_warning
+                return command(*args, **kwargs)
         except DncError as err:
             fail(err)
         except KeyboardInterrupt:
             sys.exit(130)
+        except BrokenPipeError:
+            closed_pipe()
         except Exception as err:  # a bug in dnc: one line, the traceback on request
             if os.environ.get("DNC_DEBUG"):
                 raise
-            click.echo(f"dnc: internal error: {type(err).__name__}: {err} (set DNC_DEBUG=1 for a traceback)", err=True)
-            sys.exit(3)
+            say(f"dnc: internal error: {type(err).__name__}: {err} (set DNC_DEBUG=1 for a traceback)", err=True)
+            sys.exit(EXIT_BUG)
 
     return wrapper
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if isinstance(message, DncWarning):
+        where = f"{message.location}: " if message.location else "dnc: "
+        say(f"{where}warning: {message.message}", err=True)
+    else:  # only with DNC_DEBUG: a library's warning, on one line
+        say(f"dnc: note: {category.__name__}: {str(message).strip().splitlines()[0] if str(message) else ''}", err=True)
+
+
+def say(line: str, err: bool = False) -> None:
+    """Echo one line of text that may carry outside text: controls, newlines and bidi marks shown escaped."""
+    click.echo(visible(line), err=err)
+
+
+def closed_pipe() -> None:
+    """The reader of stdout went away (`dnc resolve spec | head -c1`): stop quietly."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's final flush must not raise again
+    except (OSError, ValueError):
+        pass
+    sys.exit(EXIT_PIPE)
+
+
 def error_line(err: DncError) -> str:
-    return f"{err.location}: error: {err.message}" if err.location else f"dnc: error: {err.message}"
+    """`file:line:col: error: message`, on one line whatever the path and message hold."""
+    line = f"{err.location}: error: {err.message}" if err.location else f"dnc: error: {err.message}"
+    return visible(line)
 
 
 def fail(err: DncError) -> None:
@@ -75,18 +146,19 @@ def main():
 @main.command()
 @spec_args
 @set_option
+@build_options
 @report_errors
-def validate(specs, overrides):
+def validate(specs, overrides, policy):
     """Check specs: load, validate and infer every shape. Exit 0 if all are valid, 2 if not."""
     failed = 0
     for path in specs:
         try:
-            spec, _ = build(path, overrides)
+            spec, _ = build(path, overrides, **policy)
         except DncError as err:
             click.echo(error_line(err), err=True)
             failed += 1
         else:
-            click.echo(f"{path}: ok ({spec.name})")
+            say(f"{path}: ok ({spec.name})")
     sys.exit(EXIT_ERROR if failed else 0)
 
 
@@ -94,13 +166,13 @@ def validate(specs, overrides):
 @spec_arg
 @set_option
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@build_options
 @report_errors
-def summary(spec, overrides, fmt):
+def summary(spec, overrides, fmt, policy):
     """Per-stage output shape, channels, parameters and MACs, with totals."""
-    from dnc.pipeline import build
     from dnc.summary import summarize
 
-    _, graph = build(spec, overrides)
+    _, graph = build(spec, overrides, **policy)
     result = summarize(graph)
     if fmt == "json":
         click.echo(json.dumps(result.to_json(), indent=2))
@@ -114,12 +186,13 @@ def summary(spec, overrides, fmt):
 @spec_arg
 @set_option
 @click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
+@build_options
 @report_errors
-def resolve(spec, overrides, fmt):
+def resolve(spec, overrides, fmt, policy):
     """Print the fully resolved spec: extends merged, overrides applied, defaults written out."""
     from dnc.loader import load_spec, resolved_data
 
-    data = resolved_data(load_spec(spec, overrides))
+    data = resolved_data(load_spec(spec, overrides, policy["roots"]))
     if fmt == "json":
         click.echo(json.dumps(data, indent=2))
         return
@@ -134,6 +207,12 @@ def resolve(spec, overrides, fmt):
 SPECS_DIR = Path("specs")
 
 
+def _option_type(opt):
+    if opt.type is Path:
+        return click.Path(dir_okay=False, path_type=Path)
+    return click.IntRange(min=opt.minimum) if opt.minimum is not None else opt.type
+
+
 def target_options(command):
     """Add every registered target's own options to `command` (each refused for the other targets)."""
     from dnc.targets import all_options
@@ -141,7 +220,7 @@ def target_options(command):
     for name, (opt, owners) in reversed(all_options().items()):
         command = click.option(
             f"--{name}",
-            type=click.Path(dir_okay=False, path_type=Path) if opt.type is Path else opt.type,
+            type=_option_type(opt),
             default=None,
             metavar=opt.metavar,
             help=f"{', '.join(owners)}: {opt.help}",
@@ -165,8 +244,9 @@ def target_options(command):
 )
 @target_options
 @set_option
+@build_options
 @report_errors
-def compile_(specs, target, out_dir, check, overrides, **options):
+def compile_(specs, target, out_dir, check, overrides, policy, **options):
     """Emit code for SPECS (default: every specs/*.yaml), one file per spec: OUT_DIR/<name>.py or .onnx.
 
     Every spec is compiled before anything is written; a file is rewritten (atomically)
@@ -185,11 +265,13 @@ def compile_(specs, target, out_dir, check, overrides, **options):
     out_dir = out_dir or t.default_out
     every_spec = not specs
     recorded = check and not overrides and not given
-    outputs = plan_outputs(specs or _all_specs(), overrides, t.emit, given, t.suffix, out_dir, recorded=recorded)
+    outputs = plan_outputs(
+        specs or _all_specs(), overrides, t.emit, given, t.suffix, out_dir, recorded=recorded, policy=policy
+    )
     if check:
         problems = stale_outputs(outputs, out_dir, t.suffix, every_spec=every_spec)
         for line in problems:
-            click.echo(line, err=True)
+            say(line, err=True)
         if problems:
             click.echo(f"dnc: {len(problems)} generated file(s) out of date; regenerate with dnc compile", err=True)
             sys.exit(1)
@@ -197,7 +279,7 @@ def compile_(specs, target, out_dir, check, overrides, **options):
         return
     changed = write_outputs(outputs)
     for path in outputs:
-        click.echo(f"{path}: {'written' if path in changed else 'unchanged'}")
+        say(f"{path}: {'written' if path in changed else 'unchanged'}")
 
 
 def _all_specs() -> list[Path]:
@@ -212,11 +294,14 @@ def _all_specs() -> list[Path]:
 @set_option
 @click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), help="A .safetensors or .pth checkpoint.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the input (and of the weights).")
+@click.option(
+    "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the input (and of the weights)."
+)
 @click.option("--batch", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--target", default="torch", show_default=True, help=f"What to run: one of {', '.join(TARGET_NAMES)}.")
+@build_options
 @report_errors
-def verify(specs, overrides, weights, device, seed, batch, target):
+def verify(specs, overrides, weights, device, seed, batch, target, policy):
     """Run what dnc compile emits and compare it with torchvision's DenseNet.
 
     --target torch runs the generated PyTorch model, --target onnx the ONNX model on
@@ -235,9 +320,9 @@ def verify(specs, overrides, weights, device, seed, batch, target):
     check_device(device)
     failed = 0
     for path in specs:
-        spec, graph = build(display_path(path), overrides)
+        spec, graph = build(display_path(path), overrides, **policy)
         outcome = verify_one(spec, graph, str(path), target=t, weights=weights, device=device, seed=seed, batch=batch)
-        click.echo(outcome.line)
+        say(outcome.line)
         failed += not outcome.ok
     sys.exit(1 if failed else 0)
 
@@ -245,12 +330,13 @@ def verify(specs, overrides, weights, device, seed, batch, target):
 @main.command("ir")
 @spec_arg
 @set_option
+@build_options
 @report_errors
-def ir_(spec, overrides):
+def ir_(spec, overrides, policy):
     """Print the inferred IR, one line per node: name, op, attributes, inputs, output shape."""
     from dnc.ir_text import ir_text
 
-    _, graph = build(spec, overrides)
+    _, graph = build(spec, overrides, **policy)
     click.echo(ir_text(graph), nl=False)
 
 
@@ -268,8 +354,9 @@ def schema():
 @click.argument("b")
 @set_option
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]), default="text", show_default=True)
+@build_options
 @report_errors
-def diff(a, b, overrides, fmt):
+def diff(a, b, overrides, fmt, policy):
     """Compare the networks two specs build. A and B are spec files or REV:path (git).
 
     Specs whose IRs are equal (ops, attributes, wiring, shapes) are the same network, however
@@ -278,7 +365,7 @@ def diff(a, b, overrides, fmt):
     """
     from dnc.diff import compare, exit_status, load_side, to_json, to_markdown
 
-    result = compare(load_side(a), load_side(b, overrides))
+    result = compare(load_side(a, policy=policy), load_side(b, overrides, policy=policy))
     if fmt == "json":
         click.echo(json.dumps(to_json(result), indent=2))
     elif fmt == "markdown":
@@ -307,13 +394,14 @@ def diff(a, b, overrides, fmt):
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write here (atomically). Default: stdout for dot and mermaid, <name>.svg / <name>.png for images.",
 )
+@build_options
 @report_errors
-def graph(spec, overrides, detail, fmt, output):
+def graph(spec, overrides, detail, fmt, output, policy):
     """Draw the architecture: DOT or Mermaid source, or SVG/PNG through Graphviz `dot`."""
     from dnc.graph import IMAGE_FORMATS, picture, render_image, render_text
     from dnc.outputs import write_outputs
 
-    spec_model, ir = build(spec, overrides)
+    spec_model, ir = build(spec, overrides, **policy)
     text = render_text(picture(ir, detail), "dot" if fmt in IMAGE_FORMATS else fmt)
     if fmt not in IMAGE_FORMATS and output is None:
         click.echo(text, nl=False)
@@ -321,7 +409,7 @@ def graph(spec, overrides, detail, fmt, output):
     data = render_image(text, fmt) if fmt in IMAGE_FORMATS else text.encode()
     output = output or Path(f"{spec_model.name}.{fmt}")
     write_outputs({output: data})
-    click.echo(f"wrote {output}", err=True)
+    say(f"wrote {output}", err=True)
 
 
 def run() -> None:
@@ -331,10 +419,12 @@ def run() -> None:
     except click.ClickException as err:  # a bad option, a missing argument, a bad choice
         ctx = getattr(err, "ctx", None)
         where = ctx.command_path if ctx else "dnc"
-        click.echo(f"{where}: error: {err.format_message()} (see {where} --help)", err=True)
+        say(f"{where}: error: {err.format_message()} (see {where} --help)", err=True)
         sys.exit(EXIT_ERROR)
     except click.Abort:
         sys.exit(130)
+    except BrokenPipeError:  # --help or --version into a closed pipe
+        closed_pipe()
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -13,23 +13,21 @@ table lives in render.py.
 from __future__ import annotations
 
 import json
-import posixpath
-import subprocess
-import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import networkx as nx
-from ruamel.yaml import YAML
-from ruamel.yaml.error import YAMLError
 
-from dnc.errors import DncError, Location
+from dnc.errors import DncError
 from dnc.ir import Node, UnitKind, inputs, ordered
-from dnc.loader import MAX_EXTENDS_DEPTH, resolved_data
+from dnc.loader import resolved_data
 from dnc.pipeline import build
+from dnc.revisions import materialised, relocate, split_revision
 from dnc.summary import StageRow, Summary, summarize
+from dnc.text import markdown_code, markdown_text
 
 ABSENT = object()  # a field one side does not have (a block the other side lacks)
 STAGE_FIELDS = ("layers", "growth_rate", "input_shape", "output_shape", "params", "macs")
@@ -104,20 +102,23 @@ class Diff:
 # -- loading a side ----------------------------------------------------------------
 
 
-def load_side(arg: str, overrides: Sequence[str] = (), cwd: Path | None = None) -> Side:
-    """A spec file, or `REV:path` read from git in `cwd`, built to an inferred IR."""
+def load_side(arg: str, overrides: Sequence[str] = (), cwd: Path | None = None, policy: Mapping | None = None) -> Side:
+    """A spec file, or `REV:path` read from git in `cwd`, built to an inferred IR.
+
+    `policy` holds `build`'s limits and spec roots; a revision's copy is its own spec root.
+    """
+    policy = dict(policy or {})
     path = Path(arg) if cwd is None else cwd / arg
-    rev, sep, rel = arg.partition(":")
-    if path.exists() or not (rev and sep and rel):  # a file, or the loader's "no such file"
-        spec, graph = build(path, overrides)
+    revision = split_revision(arg)
+    if os.path.lexists(path) or revision is None:  # a file, or the loader's "no such file"
+        spec, graph = build(path, overrides, **policy)
         return _side(arg, spec, graph)
-    cwd = Path.cwd() if cwd is None else cwd
-    with tempfile.TemporaryDirectory(prefix="dnc-diff-") as tmp:
-        local = _materialise(rev, rel, cwd, Path(tmp))
+    rev, rel = revision
+    with materialised(rev, rel, Path.cwd() if cwd is None else cwd) as (local, tmp):
         try:
-            spec, graph = build(local, overrides)
+            spec, graph = build(local, overrides, **{**policy, "roots": (tmp,)})
         except DncError as err:
-            raise _relocate(err, tmp, f"{rev}:") from None
+            raise relocate(err, tmp, rev) from None
     return _side(arg, spec, graph)
 
 
@@ -134,66 +135,6 @@ def _side(source: str, spec, graph: nx.DiGraph) -> Side:
 def network(graph: nx.DiGraph) -> tuple:
     """The IR as comparable data: per node its path, op, attributes, unit, inputs in port order and shape."""
     return tuple((n.path, n.op, n.attrs, n.unit, tuple(inputs(graph, n.scope)), n.shape) for n in ordered(graph))
-
-
-def _materialise(rev: str, rel: str, cwd: Path, tmp: Path) -> Path:
-    """Write `rev:rel` and the files its `extends:` chain names, as of `rev`, under tmp."""
-    where = Location(f"{rev}:{rel}")
-    if rel.startswith(("./", "../")):  # git reads these relative to cwd; extends needs the repo path
-        prefix = _git(["rev-parse", "--show-prefix"], cwd, where).decode().strip()
-        rel = posixpath.normpath(posixpath.join(prefix, rel))
-    rel = posixpath.normpath(rel)
-    if rel.startswith("../"):
-        raise DncError("path leaves the repository", where)
-    first = tmp / rel
-    for _ in range(MAX_EXTENDS_DEPTH + 1):
-        text = _git(["show", f"{rev}:{rel}"], cwd, Location(f"{rev}:{rel}"))
-        local = tmp / rel
-        if local.exists():  # a cycle: the loader names it
-            break
-        local.parent.mkdir(parents=True, exist_ok=True)
-        local.write_bytes(text)
-        parent = _extends(text)
-        if parent is None:
-            break
-        rel = posixpath.normpath(posixpath.join(posixpath.dirname(rel), parent))
-        if rel.startswith("../") or posixpath.isabs(rel):
-            break  # outside the repository: the loader reports the missing file
-        try:
-            _git(["cat-file", "-e", f"{rev}:{rel}"], cwd, where)
-        except DncError:
-            break  # the loader reports `extends: no such file` at the right line
-    return first
-
-
-def _extends(text: bytes) -> str | None:
-    try:
-        data = YAML(typ="safe", pure=True).load(text)
-    except YAMLError:
-        return None  # the loader reports it with a position
-    parent = data.get("extends") if isinstance(data, dict) else None
-    return parent if isinstance(parent, str) else None
-
-
-def _git(args: list[str], cwd: Path, where: Location) -> bytes:
-    try:
-        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, timeout=60)
-    except FileNotFoundError:
-        raise DncError("git not found; a REV:path argument needs git", where) from None
-    if done.returncode:
-        lines = done.stderr.decode(errors="replace").strip().splitlines() or [f"exit status {done.returncode}"]
-        raise DncError(f"cannot read from git: {lines[0].removeprefix('fatal: ')}", where)
-    return done.stdout
-
-
-def _relocate(err: DncError, tmp: str, rev: str) -> DncError:
-    """Name `REV:path` instead of the temporary copy in an error from a revision."""
-    prefix = str(Path(tmp)) + "/"
-    message = err.message.replace(prefix, rev)
-    loc = err.location
-    if loc is not None and loc.source.startswith(prefix):
-        loc = replace(loc, source=rev + loc.source[len(prefix) :])
-    return type(err)(message, loc)
 
 
 # -- comparing ---------------------------------------------------------------------
@@ -422,13 +363,15 @@ def to_json(d: Diff) -> dict[str, Any]:
     }
 
 
-def _md(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table; cells are plain text (escaped here) unless a code span of dnc's own names."""
+
+    def cell(text: str) -> str:
+        code = text.startswith("`") and text.endswith("`") and "`" not in text[1:-1]
+        return text if code else markdown_text(text)
+
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_md(c) for c in r) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
     return lines + [""]
 
 
@@ -437,16 +380,24 @@ def _md_keys(title: str, items: list[str]) -> list[str]:
         return []
     shown = items[:SHOWN_KEY_GROUPS]
     more = [f"- … and {len(items) - len(shown)} more"] if len(items) > len(shown) else []
-    return [f"<details><summary>{title}</summary>", "", *[f"- `{i}`" for i in shown], *more, "", "</details>", ""]
+    return [
+        f"<details><summary>{title}</summary>",
+        "",
+        *[f"- {markdown_code(i)}" for i in shown],
+        *more,
+        "",
+        "</details>",
+        "",
+    ]
 
 
 def to_markdown(d: Diff) -> str:
     """A pull-request comment: one section per compared pair."""
     a, b = d.a, d.b
-    head = f"### `{a.source}` → `{b.source}`: {verdict(d)}"
+    head = f"### {markdown_code(a.source)} → {markdown_code(b.source)}: {verdict(d)}"
     lines = [head, ""]
     if a.data["name"] != b.data["name"]:
-        lines += [f"Name: `{a.data['name']}` → `{b.data['name']}`", ""]
+        lines += [f"Name: {markdown_code(a.data['name'])} → {markdown_code(b.data['name'])}", ""]
     if d.options:
         lines += ["**Options** (how the code runs, not what it computes)", ""]
         lines += _md_table(
@@ -456,7 +407,9 @@ def to_markdown(d: Diff) -> str:
         lines += ["The two specs build the same network: equal IRs, so equal checkpoint keys and shapes.", ""]
         return "\n".join(lines)
     lines += ["**Spec fields** (resolved: defaults and per-block values filled in)", ""]
-    lines += _md_table(["field", "A", "B"], [[f"`{c.field}`", show_value(c.a), show_value(c.b)] for c in d.fields])
+    # field paths are the spec model's own names; values are plain text, escaped by _md_table
+    fields = [[f"`{c.field}`", show_value(c.a), show_value(c.b)] for c in d.fields]
+    lines += _md_table(["field", "A", "B"], fields)
     changed = [stage_cells(s) for s in d.stages if s.changed]
     if changed:
         lines += ["**Stages that changed**", ""]

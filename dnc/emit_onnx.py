@@ -40,12 +40,24 @@ MAX_OPSET = min(28, onnx.defs.onnx_opset_version())
 DEFAULT_OPSET = 17  # widely supported by deployed runtimes (onnxruntime >= 1.13, TensorRT 8.6)
 SUFFIX = ".onnx"
 INPUT_NAME, OUTPUT_NAME, BATCH = "input", "logits", "batch"
+# NOTE: protobuf serialises one message of at most 2 GiB; the graph itself needs room beside the weights
+MAX_MODEL_BYTES = (2 << 30) - (64 << 20)
 
 
 def check_opset(opset: int) -> None:
     """Raise EmitError unless dnc can emit `opset`."""
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise EmitError(f"--opset {opset} is not supported: choose {MIN_OPSET} to {MAX_OPSET}")
+
+
+def check_model_size(graph: nx.DiGraph) -> None:
+    """Refuse, before any weight exists, a model whose float32 weights do not fit one protobuf message."""
+    size = 4 * sum(t.numel for t in state_dict_layout(graph).values() if t.onnx)
+    if size > MAX_MODEL_BYTES:
+        raise EmitError(
+            f"the ONNX model's weights take {size / (1 << 30):.1f} GiB, over the 2 GiB that one ONNX file "
+            "(a protobuf message) can hold; dnc does not write external data: make the network smaller"
+        )
 
 
 def initializer_keys(graph: nx.DiGraph) -> list[str]:
@@ -156,5 +168,6 @@ def emit(graph: nx.DiGraph, options: dict | None = None) -> bytes:
     options = {k: v for k, v in (options or {}).items() if v is not None}
     opset = options.get("opset", DEFAULT_OPSET)
     check_opset(opset)
+    check_model_size(graph)
     state = network_state(state_dict_layout(graph), options.get("weights"), options.get("seed", 0))
     return emit_onnx(graph, state, opset, options).SerializeToString(deterministic=True)

@@ -19,8 +19,8 @@ class Location:
         return f"{self.source}:{self.line}:{self.col}"
 
 
-class DncError(Exception):
-    """Base of every error dnc reports to a user."""
+class _Located:
+    """A message and where it applies; printed `location: message`."""
 
     def __init__(self, message: str, location: Location | None = None):
         super().__init__(message)
@@ -29,6 +29,10 @@ class DncError(Exception):
 
     def __str__(self) -> str:
         return f"{self.location}: {self.message}" if self.location else self.message
+
+
+class DncError(_Located, Exception):
+    """Base of every error dnc reports to a user."""
 
 
 class SpecError(DncError):
@@ -45,3 +49,11 @@ class EmitError(DncError):
 
 class WeightsError(DncError):
     """A checkpoint file could not be read or does not fit the network."""
+
+
+class LimitError(SpecError):
+    """The spec asks for a network beyond a limit of dnc/limits.py (raisable with --limit)."""
+
+
+class DncWarning(_Located, UserWarning):
+    """Something worth one line on stderr that is not an error (a reused YAML anchor, a converted dtype)."""

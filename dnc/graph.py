@@ -19,6 +19,7 @@ import networkx as nx
 from dnc.errors import DncError
 from dnc.ir import Node, OpKind, UnitKind, growth, inputs, node, ordered, output
 from dnc.jinja import environment
+from dnc.text import visible
 
 TEXT_FORMATS = ("dot", "mermaid")
 IMAGE_FORMATS = ("svg", "png")
@@ -26,6 +27,9 @@ NO_DOT = (
     "Graphviz 'dot' not found; install it (apt-get install graphviz / brew install graphviz) "
     "or use --format dot|mermaid"
 )
+_MERMAID = {ord(ch): f"#{name};" for ch, name in [("#", "35"), ('"', "quot"), ("<", "lt"), (">", "gt")]} | {
+    ord(ch): f"#{ord(ch)};" for ch in "|[](){}`&"
+}
 
 
 @dataclass
@@ -158,15 +162,17 @@ def _chunks(ops: list[str], width: int = 3) -> list[str]:
 
 
 def _dot_label(lines: list[str]) -> str:
-    # DOT's \n escape is a centred line break inside a quoted label
-    escaped = "\\n".join(line.replace("\\", "\\\\").replace('"', '\\"') for line in lines)
+    # DOT's \n escape is a centred line break inside a quoted label; `visible` keeps each line one
+    # line, then backslashes and quotes are escaped so nothing ends the string or starts an escape
+    escaped = "\\n".join(visible(line).replace("\\", "\\\\").replace('"', '\\"') for line in lines)
     return f'"{escaped}"'
 
 
 def _mermaid_label(lines: list[str]) -> str:
-    # NOTE: Mermaid labels have no backslash escapes; entity codes are its way, <br> its newline
+    # NOTE: Mermaid labels have no backslash escapes; entity codes are its way, <br> its newline.
+    # Every character that could end a label or an edge text, or start markup, becomes an entity.
     def escape(line: str) -> str:
-        return line.replace("#", "#35;").replace('"', "#quot;").replace("<", "#lt;").replace(">", "#gt;")
+        return visible(line).translate(_MERMAID)
 
     return '"' + "<br>".join(escape(line) for line in lines) + '"'
 

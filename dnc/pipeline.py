@@ -1,4 +1,4 @@
-"""The pipeline as a straight list: load -> lower -> infer -> *passes, the IR verified after every step.
+"""The pipeline as a straight list: load -> check limits -> lower -> infer -> *passes, the IR verified after every step.
 
 A pass is a function IR -> IR (an inferred `networkx.DiGraph` in, a new one out)
 with a name; adding one is appending it to the list a caller passes in.
@@ -13,6 +13,7 @@ import networkx as nx
 
 from dnc.infer import infer
 from dnc.ir import IRError, verify
+from dnc.limits import Limits, check_limits
 from dnc.loader import load_spec
 from dnc.lower import lower
 from dnc.provenance import spec_reference
@@ -31,9 +32,20 @@ def compile_spec(spec: Spec, source: str = "", passes: Sequence[NamedPass] = ())
     return graph
 
 
-def build(path: str | Path, overrides: Sequence[str] = (), passes: Sequence[NamedPass] = ()) -> tuple[Spec, nx.DiGraph]:
-    """Load a spec file and return it with its inferred (and passed) IR."""
-    spec = load_spec(path, overrides)
+def build(
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    limits: Limits | None = None,
+    roots: Sequence[str | Path] = (),
+    passes: Sequence[NamedPass] = (),
+) -> tuple[Spec, nx.DiGraph]:
+    """Load a spec file and return it with its inferred (and passed) IR.
+
+    The spec is checked against `limits` before it is lowered; `roots` widen where
+    `extends:` may read (see `loader.spec_root`).
+    """
+    spec = load_spec(path, overrides, roots)
+    check_limits(spec, limits or Limits())
     graph = compile_spec(spec, spec_reference(path), passes)
     graph.graph["overrides"] = tuple(overrides)  # for the provenance of generated files
     return spec, graph

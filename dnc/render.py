@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dnc.diff import (
@@ -19,6 +20,12 @@ from dnc.diff import (
     verdict,
 )
 from dnc.summary import Summary
+from dnc.text import visible
+
+
+def safe(text: object) -> str:
+    """Outside text for rich: one line (controls shown escaped), and no markup (`[bold]` stays text)."""
+    return escape(visible(str(text)))
 
 
 def fmt_shape(shape) -> str:
@@ -38,12 +45,12 @@ def summary_table(s: Summary, console: Console | None = None) -> None:
         console = Console()
         if not console.is_terminal:  # rich assumes 80 columns for a pipe; the table needs more
             console.width = 120
-    table = Table(title=f"{s.name}  (input {fmt_shape(s.input_shape)})", title_justify="left")
+    table = Table(title=f"{safe(s.name)}  (input {fmt_shape(s.input_shape)})", title_justify="left")
     for col in ("stage", "layers", "k", "output (CxHxW)", "channels", "params", "MACs"):
         table.add_column(col, justify="left" if col in ("stage", "output (CxHxW)") else "right")
     for r in s.stages:
         table.add_row(
-            r.stage,
+            safe(r.stage),
             str(r.layers) if r.layers else "",
             str(r.growth_rate) if r.layers else "",
             fmt_shape(r.output_shape),
@@ -56,7 +63,7 @@ def summary_table(s: Summary, console: Console | None = None) -> None:
     console.print(table)
     console.print(f"{s.params:,} parameters ({fmt_count(s.params)}), {s.macs:,} MACs ({fmt_count(s.macs)})")
     for note in s.notes:
-        console.print(f"note: {note}", style="yellow")
+        console.print(f"note: {safe(note)}", style="yellow")
 
 
 def diff_text(d: Diff, console: Console | None = None) -> None:
@@ -66,7 +73,7 @@ def diff_text(d: Diff, console: Console | None = None) -> None:
         if not console.is_terminal:
             console.width = 120
     a, b = d.a, d.b
-    console.print(f"A: {a.source} ({a.data['name']})\nB: {b.source} ({b.data['name']})")
+    console.print(f"A: {safe(a.source)} ({safe(a.data['name'])})\nB: {safe(b.source)} ({safe(b.data['name'])})")
     for c in d.options:
         console.print(f"option {c.field}: {show_value(c.a)} → {show_value(c.b)}", markup=False)
     if d.same:
@@ -77,7 +84,7 @@ def diff_text(d: Diff, console: Console | None = None) -> None:
     for col in ("field", "A", "B"):
         fields.add_column(col)
     for c in d.fields:
-        fields.add_row(c.field, show_value(c.a), show_value(c.b))
+        fields.add_row(safe(c.field), safe(show_value(c.a)), safe(show_value(c.b)))
     console.print(fields)
     changed = [s for s in d.stages if s.changed]
     if changed:
@@ -85,7 +92,7 @@ def diff_text(d: Diff, console: Console | None = None) -> None:
         for col in STAGE_HEADER:
             stages.add_column(col, justify="left" if col in ("stage", "output (CxHxW)") else "right")
         for s in changed:
-            stages.add_row(*stage_cells(s))
+            stages.add_row(*map(safe, stage_cells(s)))
         console.print(stages)
     for name, x, y in totals(d):
         console.print(f"{name}: {x:,} ({fmt_count(x)}) → {y:,} ({fmt_count(y)}), {delta(x, y)}")
@@ -97,6 +104,6 @@ def diff_text(d: Diff, console: Console | None = None) -> None:
         ("change shape", reshaped_groups(c.changed_shape, a)),
     ):
         for item in items[:SHOWN_KEY_GROUPS]:
-            console.print(f"  {title}: {item}", markup=False)
+            console.print(f"  {title}: {visible(item)}", markup=False)
         if len(items) > SHOWN_KEY_GROUPS:
             console.print(f"  {title}: … and {len(items) - SHOWN_KEY_GROUPS} more (--format json lists every key)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_validator
 
 from dnc.errors import Location
 
@@ -25,6 +25,13 @@ class RuleError(ValueError):
     def __init__(self, path: Path, message: str):
         super().__init__(message)
         self.path = path
+
+
+def _exact_int(value: object) -> object:
+    # NOTE: a Literal compares by ==, and True == 1.0 == 1: let only a real int through
+    if isinstance(value, bool | float):
+        raise ValueError(f"expected the integer {SPEC_VERSION}")
+    return value
 
 
 class _Strict(BaseModel):
@@ -86,7 +93,7 @@ class Head(_Strict):
 class Spec(_Strict):
     """A DenseNet. The YAML keys are these fields; see the README for each."""
 
-    version: Annotated[Literal[1], Field(description="Spec format version.")]
+    version: Annotated[Literal[1], BeforeValidator(_exact_int), Field(description="Spec format version.")]
     name: Annotated[
         str,
         Field(

@@ -25,6 +25,7 @@ class Option:
     default: Any
     help: str
     metavar: str | None = None
+    minimum: int | None = None  # the least value an integer option takes
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ TARGETS: dict[str, Target] = {
                     "A torchvision-format checkpoint (.safetensors, .pth) to embed; one spec only.",
                 ),
                 Option("opset", int, None, "ONNX opset, 13 to 28 [default: 17].", "N"),
-                Option("seed", int, None, "Seed of the random weights when no --weights [default: 0]."),
+                Option("seed", int, None, "Seed of the random weights when no --weights [default: 0].", minimum=0),
             ),
             runner="dnc.verify:run_onnx",
             inference_only=True,

@@ -59,13 +59,17 @@ def comment_safe(text: str) -> str:
     return shown.encode("ascii", "backslashreplace").decode("ascii")
 
 
+# Markdown still reads emphasis, code spans and links between inline HTML tags: entities are inert
+_MARKDOWN_ENTITIES = {ord(ch): f"&#{ord(ch)};" for ch in "`*_[]~|\\"}
+
+
 def markdown_code(text: str) -> str:
-    """Inline code for Markdown (a pull-request comment): HTML-escaped inside <code>, table pipes escaped.
+    """Inline code for Markdown (a pull-request comment): HTML-escaped inside <code>, Markdown punctuation as entities.
 
     A backtick span cannot hold every string safely (backticks, pipes, HTML in some
     renderers); `<code>` with entities can.
     """
-    return "<code>" + html.escape(visible(text), quote=True).replace("|", "&#124;") + "</code>"
+    return "<code>" + html.escape(visible(text), quote=True).translate(_MARKDOWN_ENTITIES) + "</code>"
 
 
 def markdown_text(text: str) -> str:
