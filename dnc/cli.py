@@ -363,7 +363,8 @@ def diff(a, b, overrides, fmt, policy):
     they are written. --set applies to B. Exit 0 same network and options, 1 different networks,
     4 the same network with other options (memory_efficient), 2 error.
     """
-    from dnc.diff import compare, exit_status, load_side, to_json, to_markdown
+    from dnc.diff import compare, exit_status, load_side
+    from dnc.diff_report import to_json, to_markdown
 
     result = compare(load_side(a, policy=policy), load_side(b, overrides, policy=policy))
     if fmt == "json":
@@ -398,8 +399,8 @@ def diff(a, b, overrides, fmt, policy):
 @report_errors
 def graph(spec, overrides, detail, fmt, output, policy):
     """Draw the architecture: DOT or Mermaid source, or SVG/PNG through Graphviz `dot`."""
-    from dnc.graph import IMAGE_FORMATS, picture, render_image, render_text
     from dnc.outputs import write_outputs
+    from dnc.pictures import IMAGE_FORMATS, picture, render_image, render_text
 
     spec_model, ir = build(spec, overrides, **policy)
     text = render_text(picture(ir, detail), "dot" if fmt in IMAGE_FORMATS else fmt)

@@ -6,10 +6,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from dnc.diff import (
+from dnc.diff import Diff, verdict
+from dnc.diff_report import (
     SHOWN_KEY_GROUPS,
     STAGE_HEADER,
-    Diff,
     checkpoint_line,
     delta,
     key_groups,
@@ -17,7 +17,6 @@ from dnc.diff import (
     show_value,
     stage_cells,
     totals,
-    verdict,
 )
 from dnc.summary import Summary
 from dnc.text import visible

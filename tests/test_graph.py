@@ -11,8 +11,8 @@ import xml.etree.ElementTree as ET
 import pytest
 from conftest import run_dnc, spec_path
 
-from dnc.graph import NO_DOT, picture, render_text
 from dnc.ir import stages
+from dnc.pictures import NO_DOT, picture, render_text
 from dnc.pipeline import build
 
 SPEC = spec_path("densenet121")

@@ -182,7 +182,8 @@ def side(source: str, tmp_path):
 
 @pytest.mark.parametrize("name", EVIL_NAMES)
 def test_markdown_escapes_hostile_sources(name, tmp_path):
-    from dnc.diff import compare, to_markdown
+    from dnc.diff import compare
+    from dnc.diff_report import to_markdown
 
     a = side(name, tmp_path)
     b = side(name + "2", tmp_path)
@@ -216,7 +217,7 @@ def test_rich_output_escapes_hostile_sources(name, tmp_path):
 @pytest.mark.parametrize("fmt", ["dot", "mermaid"])
 @pytest.mark.parametrize("name", EVIL_NAMES)
 def test_graph_labels_escape_hostile_names(fmt, name, tmp_path):
-    from dnc.graph import picture, render_text
+    from dnc.pictures import picture, render_text
     from dnc.pipeline import build
 
     spec = tmp_path / "net.yaml"

@@ -12,11 +12,11 @@ from conftest import ROOT, import_file
 
 from dnc import emit_torch
 from dnc.errors import EmitError
-from dnc.graph import picture
 from dnc.infer import infer, state_dict_layout
 from dnc.ir import node, verify
 from dnc.loader import load_spec
 from dnc.lower import lower
+from dnc.pictures import picture
 from dnc.weights import seeded_state
 
 SPEC = ROOT / "specs" / "densenet_bc100_k12.yaml"
