@@ -1,7 +1,8 @@
-"""Shared helpers: run the real CLI, find specs, build torchvision references."""
+"""Shared helpers: run the CLI (in a subprocess or in this process), find specs, import generated files."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -31,6 +32,41 @@ def run_dnc(
         text=True,
         timeout=600,
     )
+
+
+def dnc_cli(
+    *args: str | Path, cwd: Path | None = None, input: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run the `dnc` command line in this process; the result is shaped like `run_dnc`'s.
+
+    It calls the console entry point itself (`dnc.cli.run`, which turns click's usage
+    errors into one line), with argv, stdin, stdout, stderr, the environment and the
+    working folder swapped in for the call, so a test reads the same either way; it
+    only saves starting an interpreter and importing dnc (and torch) again.
+    """
+    import gc
+
+    from click.testing import CliRunner
+
+    from dnc.cli import run
+
+    argv = ["dnc", *map(str, args)]
+    code: int | str | None = 0
+    saved_argv = sys.argv
+    with contextlib.chdir(cwd or ROOT), CliRunner().isolation(input=input, env=env) as (out, err, _):
+        sys.argv = argv
+        try:
+            run()
+        except SystemExit as exit:
+            code = exit.code
+        finally:
+            sys.argv = saved_argv
+            gc.unfreeze()  # the CLI freezes the GC for its own short life; this process goes on
+            sys.stdout.flush()
+            sys.stderr.flush()
+    if not isinstance(code, int):  # sys.exit("message") or sys.exit(None), as the interpreter treats them
+        code = 0 if code is None else 1
+    return subprocess.CompletedProcess(argv, code, out.getvalue().decode(), err.getvalue().decode())
 
 
 @pytest.fixture
