@@ -20,7 +20,7 @@ from dnc.ir import ordered
 from dnc.pipeline import build
 from dnc.weights import seeded_state
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", exc_type=ImportError)  # no torch: skip the module
 ort = pytest.importorskip("onnxruntime")
 
 from dnc.reference import to_torch, torchvision_densenet  # noqa: E402  (needs torch)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 from conftest import dnc_cli, import_file, spec_path
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", exc_type=ImportError)  # no torch: skip the module
 
 from reference_densenet import BlockArgs, DenseNet, compressed, random_state  # noqa: E402  (needs torch)
 

@@ -9,14 +9,16 @@ shapes are torchvision's. The models under test are the committed files in gener
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import CIFAR_SPECS, ROOT, TORCHVISION_SPECS, import_file, spec_path
 
 from dnc.infer import state_dict_shapes
 from dnc.ir import graph_input, ordered, output
 from dnc.pipeline import build
-from dnc.reference import to_torch, torchvision_densenet
 from dnc.weights import seeded_state
+
+torch = pytest.importorskip("torch", exc_type=ImportError)  # no torch: skip the module
+
+from dnc.reference import to_torch, torchvision_densenet  # noqa: E402  (needs torch)
 
 torch.set_num_threads(2)
 SLOW = {"densenet161", "densenet201", "densenet264"}
