@@ -10,6 +10,12 @@ from pathlib import Path
 
 import pytest
 
+# NOTE: one intra-op thread for torch (read when torch starts). The networks under test are
+# small; with two threads on two cores, any other load on the machine leaves OpenMP waiting
+# at every op's barrier: measured here, a densenet121 forward took 1.6-2.2 s instead of 0.35 s.
+# Set OMP_NUM_THREADS yourself to choose otherwise.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "specs"
 ALL_SPECS = sorted(SPECS.glob("*.yaml"))

@@ -19,8 +19,6 @@ torch = pytest.importorskip("torch", exc_type=ImportError)  # no torch: skip the
 
 from dnc.reference import to_torch, torchvision_densenet  # noqa: E402  (needs torch)
 
-torch.set_num_threads(2)
-
 TINY = """\
 version: 1
 name: tiny
