@@ -20,10 +20,9 @@ torch = pytest.importorskip("torch", exc_type=ImportError)  # no torch: skip the
 
 from dnc.reference import to_torch, torchvision_densenet  # noqa: E402  (needs torch)
 
-torch.set_num_threads(2)
 SLOW = {"densenet161", "densenet201", "densenet264"}
-SLOW_CIFAR = {"densenet_bc190_k40", "densenet_bc250_k24"}
-SIZES = [(224, 224), (192, 256)]
+SLOW_CIFAR = {"densenet100_k24", "densenet_bc190_k40", "densenet_bc250_k24"}  # 15M to 27M parameters
+SIZES = [(224, 224), (97, 131)]  # the spec's size, and an odd one where every pool floors
 RTOL = 1e-5
 
 
@@ -52,9 +51,9 @@ def pair(request):
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_eval_matches_torchvision(pair, size):
     generated, reference, _ = pair
-    x = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        for batch in (x, x[:1]):  # batch 3 and batch 1
+        for batch in (x, x[:1]):  # batch 2 and batch 1
             out, ref = generated(batch), reference(batch)
             assert out.shape == ref.shape == (len(batch), 1000)
             assert rel_err(out, ref) <= RTOL
