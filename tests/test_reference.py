@@ -27,14 +27,14 @@ PLAIN = {"bn_size": None, "compression": 1.0}
 BC = {"bn_size": 4, "compression": 0.5}
 CIFAR = {"stem": "cifar", "classes": 10}
 
-# spec name -> (the paper's network as reference arguments, input (C, H, W))
+# spec name -> (the paper's network as reference arguments, input (C, H, W), parameters in Table 2)
 ZOO = {
-    "densenet40_k12": ({**CIFAR, "width": 16, "blocks": blocks(3, 12, growth=12, **PLAIN)}, (3, 32, 32)),
-    "densenet100_k12": ({**CIFAR, "width": 16, "blocks": blocks(3, 32, growth=12, **PLAIN)}, (3, 32, 32)),
-    "densenet100_k24": ({**CIFAR, "width": 16, "blocks": blocks(3, 32, growth=24, **PLAIN)}, (3, 32, 32)),
-    "densenet_bc100_k12": ({**CIFAR, "width": 24, "blocks": blocks(3, 16, growth=12, **BC)}, (3, 32, 32)),
-    "densenet_bc250_k24": ({**CIFAR, "width": 48, "blocks": blocks(3, 41, growth=24, **BC)}, (3, 32, 32)),
-    "densenet_bc190_k40": ({**CIFAR, "width": 80, "blocks": blocks(3, 31, growth=40, **BC)}, (3, 32, 32)),
+    "densenet40_k12": ({**CIFAR, "width": 16, "blocks": blocks(3, 12, growth=12, **PLAIN)}, (3, 32, 32), "1.0M"),
+    "densenet100_k12": ({**CIFAR, "width": 16, "blocks": blocks(3, 32, growth=12, **PLAIN)}, (3, 32, 32), "7.0M"),
+    "densenet100_k24": ({**CIFAR, "width": 16, "blocks": blocks(3, 32, growth=24, **PLAIN)}, (3, 32, 32), "27.2M"),
+    "densenet_bc100_k12": ({**CIFAR, "width": 24, "blocks": blocks(3, 16, growth=12, **BC)}, (3, 32, 32), "0.8M"),
+    "densenet_bc250_k24": ({**CIFAR, "width": 48, "blocks": blocks(3, 41, growth=24, **BC)}, (3, 32, 32), "15.3M"),
+    "densenet_bc190_k40": ({**CIFAR, "width": 80, "blocks": blocks(3, 31, growth=40, **BC)}, (3, 32, 32), "25.6M"),
 }
 SLOW = {"densenet100_k24", "densenet_bc250_k24", "densenet_bc190_k40"}
 
@@ -138,7 +138,7 @@ def compile_spec(name: str, folder, target: str = "torch", *options: str):
 
 
 def reference_of(name: str) -> tuple[DenseNet, tuple[int, int, int]]:
-    kwargs, shape = ZOO[name] if name in ZOO else EXTRA[name][1:]
+    kwargs, shape = ZOO[name][:2] if name in ZOO else EXTRA[name][1:]
     kwargs = dict(kwargs)
     return DenseNet(kwargs.pop("blocks"), **kwargs), shape
 
@@ -163,6 +163,13 @@ def pair(request, tmp_path_factory):
 
 def rel_err(a, b) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", [_param(n) for n in ZOO])
+def test_the_reference_has_the_papers_parameter_counts(name):
+    """The reference itself, against Huang et al.'s Table 2 (C10 networks, counts to 0.1M)."""
+    reference, _ = reference_of(name)
+    assert f"{sum(p.numel() for p in reference.parameters()) / 1e6:.1f}M" == ZOO[name][2]
 
 
 def test_state_dict_keys_shapes_and_parameters(pair):
@@ -236,9 +243,8 @@ def test_onnx_model_matches_the_reference(name, tmp_path):
     model = onnx.load(path)
     state = {t.name: torch.from_numpy(onnx.numpy_helper.to_array(t).copy()) for t in model.graph.initializer}
     reference, shape = reference_of(name)
-    missing, unexpected = reference.load_state_dict(state, strict=False)
+    missing, unexpected = reference.load_state_dict(state, strict=False)  # every tensor but the BN counters
     assert unexpected == [] and all(k.endswith(".num_batches_tracked") for k in missing)
-    assert len(state) > 4 * sum(b.layers for b in (ZOO.get(name) or EXTRA[name][1:])[0]["blocks"])
     x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(4))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
