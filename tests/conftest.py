@@ -63,8 +63,8 @@ def dnc_cli(
         sys.argv = argv
         try:
             run()
-        except SystemExit as exit:
-            code = exit.code
+        except SystemExit as stop:
+            code = stop.code
         finally:
             sys.argv = saved_argv
             gc.unfreeze()  # the CLI freezes the GC for its own short life; this process goes on
