@@ -41,7 +41,7 @@ class BlockArgs:
 
 
 def compressed(channels: int, theta: float) -> int:
-    """floor(theta * m), exact for the decimal theta is written as (0.7 * 30 is 20.999... in binary)."""
+    """floor(theta * m), exact for the decimal theta is written as (0.7 * 90 is 62.99999999999999 in binary)."""
     return int(Fraction(str(theta)) * channels)
 
 
