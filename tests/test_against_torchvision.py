@@ -7,14 +7,16 @@ configuration and check every number dnc predicts against the real thing.
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import TORCHVISION_SPECS, spec_path
 
 from dnc.infer import state_dict_shapes
 from dnc.ir import OpKind, ordered
 from dnc.pipeline import build
-from dnc.reference import torchvision_densenet
 from dnc.summary import summarize
+
+torch = pytest.importorskip("torch", exc_type=ImportError)  # no torch: skip the module
+
+from dnc.reference import torchvision_densenet  # noqa: E402  (needs torch)
 
 
 @pytest.mark.parametrize("name", TORCHVISION_SPECS)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ALL_SPECS, run_dnc, spec_path
+from conftest import ALL_SPECS, dnc_cli, run_dnc, spec_path
 
 GOOD = """\
 version: 1
@@ -101,7 +101,7 @@ def test_bad_spec_gives_one_line_with_position_and_exit_2(tmp_path, what, text, 
     path = tmp_path / "net.yaml"
     path.write_text(text)
     for command in ("validate", "summary"):
-        line = one_error_line(run_dnc(command, path))
+        line = one_error_line(dnc_cli(command, path))
         assert line.startswith(f"{path}:{position}: error: "), line
         assert message in line, line
 
@@ -109,36 +109,36 @@ def test_bad_spec_gives_one_line_with_position_and_exit_2(tmp_path, what, text, 
 def test_bad_name_from_file_name_says_so(tmp_path):
     path = tmp_path / "Dense-Net.yaml"
     path.write_text(GOOD)
-    line = one_error_line(run_dnc("validate", path))
+    line = one_error_line(dnc_cli("validate", path))
     assert "the name defaults to the file name" in line
 
 
 def test_extends_errors(tmp_path):
     (tmp_path / "loop_a.yaml").write_text("version: 1\nextends: loop_b.yaml\n")
     (tmp_path / "loop_b.yaml").write_text("version: 1\nextends: loop_a.yaml\n")
-    line = one_error_line(run_dnc("validate", tmp_path / "loop_a.yaml"))
+    line = one_error_line(dnc_cli("validate", tmp_path / "loop_a.yaml"))
     assert "loop_b.yaml:2:10: error: extends: cycle loop_a.yaml -> loop_b.yaml -> loop_a.yaml" in line
     (tmp_path / "orphan.yaml").write_text("version: 1\nextends: nowhere.yaml\n")
-    line = one_error_line(run_dnc("validate", tmp_path / "orphan.yaml"))
+    line = one_error_line(dnc_cli("validate", tmp_path / "orphan.yaml"))
     assert "orphan.yaml:2:10: error: extends: no such file 'nowhere.yaml'" in line
 
 
 def test_error_in_a_parent_points_into_the_parent(tmp_path):
     (tmp_path / "parent.yaml").write_text(GOOD.replace("growth_rate: 12", "growth_rate: 0"))
     (tmp_path / "child.yaml").write_text("version: 1\nextends: parent.yaml\n")
-    line = one_error_line(run_dnc("validate", tmp_path / "child.yaml"))
+    line = one_error_line(dnc_cli("validate", tmp_path / "child.yaml"))
     assert line.startswith(f"{tmp_path / 'parent.yaml'}:4:14: error: growth_rate:")
 
 
 def test_bad_overrides(tmp_path):
     spec = spec_path("densenet121")
-    assert one_error_line(run_dnc("summary", spec, "--set", "growth_rate=abc")) == (
+    assert one_error_line(dnc_cli("summary", spec, "--set", "growth_rate=abc")) == (
         "--set growth_rate=abc: error: growth_rate: expected a valid integer, got 'abc'"
     )
-    assert "no such field" in one_error_line(run_dnc("summary", spec, "--set", "blocks.9=3"))
-    assert "expected --set path.to.field=value" in one_error_line(run_dnc("summary", spec, "--set", "growth_rate"))
-    assert "unknown key 'growth'" in one_error_line(run_dnc("summary", spec, "--set", "growth=3"))
-    assert one_error_line(run_dnc("summary", spec, "--set", "stem=cifar")) == (
+    assert "no such field" in one_error_line(dnc_cli("summary", spec, "--set", "blocks.9=3"))
+    assert "expected --set path.to.field=value" in one_error_line(dnc_cli("summary", spec, "--set", "growth_rate"))
+    assert "unknown key 'growth'" in one_error_line(dnc_cli("summary", spec, "--set", "growth=3"))
+    assert one_error_line(dnc_cli("summary", spec, "--set", "stem=cifar")) == (
         "--set stem=cifar: error: stem: expected a mapping of fields, got 'cifar'"
     )
 
@@ -150,20 +150,20 @@ def test_missing_file():
 def test_validate_reports_each_spec_and_fails_if_any_fails(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(GOOD.replace("growth_rate: 12", "growth_rate: 0"))
-    result = run_dnc("validate", spec_path("densenet121"), bad, spec_path("densenet169"))
+    result = dnc_cli("validate", spec_path("densenet121"), bad, spec_path("densenet169"))
     assert result.returncode == 2
     assert result.stdout.splitlines() == [
         f"{spec_path('densenet121')}: ok (densenet121)",
         f"{spec_path('densenet169')}: ok (densenet169)",
     ]
     assert result.stderr.count("\n") == 1 and "bad.yaml:4:14" in result.stderr
-    ok = run_dnc("validate", *ALL_SPECS)
+    ok = dnc_cli("validate", *ALL_SPECS)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.count(": ok (") == len(ALL_SPECS)
 
 
 def test_summary_json_document():
-    result = run_dnc("summary", spec_path("densenet121"), "--format", "json")
+    result = dnc_cli("summary", spec_path("densenet121"), "--format", "json")
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["name"] == "densenet121"
@@ -179,14 +179,14 @@ def test_summary_json_document():
 
 
 def test_summary_table_has_every_stage_and_totals():
-    result = run_dnc("summary", spec_path("densenet264"))
+    result = dnc_cli("summary", spec_path("densenet264"))
     assert result.returncode == 0, result.stderr
     for text in ("stem", "denseblock3", "transition3", "denseblock4", "head", "33,337,704", "5,751,653,376", "(33.3M)"):
         assert text in result.stdout, text
 
 
 def test_summary_notes_a_pool_that_drops_a_row():
-    result = run_dnc("summary", spec_path("densenet121"), "--set", "input.size=[200, 200]")
+    result = dnc_cli("summary", spec_path("densenet121"), "--set", "input.size=[200, 200]")
     assert result.returncode == 0
     assert "note: features.transition2.pool: 25x25 does not divide by its 2x2/2 window" in result.stdout
 
@@ -211,22 +211,22 @@ def test_validate_and_summary_import_no_torch():
 
 
 def test_resolve_prints_a_spec_that_loads_to_the_same_network(tmp_path):
-    result = run_dnc("resolve", spec_path("densenet169"), "--set", "blocks.2.growth_rate=48")
+    result = dnc_cli("resolve", spec_path("densenet169"), "--set", "blocks.2.growth_rate=48")
     assert result.returncode == 0, result.stderr
     resolved = tmp_path / "densenet169.yaml"
     resolved.write_text(result.stdout)
     assert "extends" not in result.stdout and "growth_rate: 48" in result.stdout
-    again = run_dnc("resolve", resolved)
+    again = dnc_cli("resolve", resolved)
     assert again.stdout == result.stdout
-    a = json.loads(run_dnc("summary", resolved, "--format", "json").stdout)
+    a = json.loads(dnc_cli("summary", resolved, "--format", "json").stdout)
     b = json.loads(
-        run_dnc("summary", spec_path("densenet169"), "--set", "blocks.2.growth_rate=48", "--format", "json").stdout
+        dnc_cli("summary", spec_path("densenet169"), "--set", "blocks.2.growth_rate=48", "--format", "json").stdout
     )
     assert a == b
 
 
 def test_schema_is_a_json_schema_of_the_format():
-    result = run_dnc("schema")
+    result = dnc_cli("schema")
     assert result.returncode == 0
     schema = json.loads(result.stdout)
     assert schema["$schema"].startswith("https://json-schema.org/")

@@ -7,7 +7,7 @@ import re
 import subprocess
 
 import pytest
-from conftest import run_dnc
+from conftest import dnc_cli, run_dnc
 
 from dnc.diff import compare, load_side
 from dnc.loader import load_spec
@@ -58,17 +58,17 @@ def base(write_spec):
 
 def test_same_network_written_differently(write_spec, base):
     other = write_spec(SAME, "same.yaml")
-    done = run_dnc("diff", base, other)
+    done = dnc_cli("diff", base, other)
     assert done.returncode == 0, done.stderr
     assert "same network" in done.stdout
-    done = run_dnc("diff", base, other, "--format", "json")
+    done = dnc_cli("diff", base, other, "--format", "json")
     assert json.loads(done.stdout)["same_network"] is True and json.loads(done.stdout)["fields"] == []
 
 
 def test_same_network_through_extends(write_spec, base):
     write_spec(PARENT, "parent.yaml")
     child = write_spec(CHILD, "child.yaml")
-    done = run_dnc("diff", base, child, "--format", "markdown")
+    done = dnc_cli("diff", base, child, "--format", "markdown")
     assert done.returncode == 0, done.stderr
     assert "same network" in done.stdout
 
@@ -98,7 +98,7 @@ def test_each_kind_of_change(base, override):
     rows_b = {r.stage: r for r in b.summary.stages}
     for s in d.stages:  # a stage is reported changed exactly where its summary row differs
         assert bool(s.changed) == (rows_a[s.stage] != rows_b[s.stage])
-    data = run_dnc("diff", base, base, "--set", override, "--format", "json")
+    data = dnc_cli("diff", base, base, "--set", override, "--format", "json")
     assert data.returncode == 1, data.stderr
     report = json.loads(data.stdout)
     assert report["totals"]["parameters"]["delta"] == b.summary.params - a.summary.params
@@ -107,7 +107,7 @@ def test_each_kind_of_change(base, override):
 
 
 def test_layer_change_reports_stage_and_deltas(base):
-    done = run_dnc("diff", base, base, "--set", "blocks.1.layers=3")
+    done = dnc_cli("diff", base, base, "--set", "blocks.1.layers=3")
     assert done.returncode == 1
     out = done.stdout
     assert "blocks.1.layers" in out and "2 → 3" in out
@@ -140,7 +140,7 @@ TORCH_CASES = [
 
 @pytest.mark.parametrize(("over_a", "over_b"), TORCH_CASES, ids=lambda o: ",".join(o) or "base")
 def test_checkpoint_matches_torch(base, over_a, over_b):
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", exc_type=ImportError)
     from dnc.reference import torchvision_densenet
 
     net_a = torchvision_densenet(load_spec(base, over_a))
@@ -209,7 +209,7 @@ def test_bad_arguments(tmp_path, args, message):
     git(tmp_path, "init", "-q")
     git(tmp_path, "add", ".")
     git(tmp_path, "commit", "-q", "-m", "spec")
-    done = run_dnc("diff", *args, cwd=tmp_path)
+    done = dnc_cli("diff", *args, cwd=tmp_path)
     assert done.returncode == 2
     assert done.stdout == ""
     if "--format" not in args:
@@ -222,13 +222,13 @@ def test_bad_spec_in_revision_names_the_revision(tmp_path):
     git(tmp_path, "init", "-q")
     git(tmp_path, "add", ".")
     git(tmp_path, "commit", "-q", "-m", "bad")
-    done = run_dnc("diff", "HEAD:net.yaml", "net.yaml", cwd=tmp_path)
+    done = dnc_cli("diff", "HEAD:net.yaml", "net.yaml", cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.startswith("HEAD:net.yaml:5:14: error: growth_rate:"), done.stderr
 
 
 def test_markdown_report(base):
-    done = run_dnc("diff", base, base, "--set", "blocks=[2,2,2,2]", "--format", "markdown")
+    done = dnc_cli("diff", base, base, "--set", "blocks=[2,2,2,2]", "--format", "markdown")
     assert done.returncode == 1
     out = done.stdout
     assert out.startswith("### ") and "different networks" in out

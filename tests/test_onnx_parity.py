@@ -20,7 +20,7 @@ from dnc.ir import ordered
 from dnc.pipeline import build
 from dnc.weights import seeded_state
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", exc_type=ImportError)  # no torch: skip the module
 ort = pytest.importorskip("onnxruntime")
 
 from dnc.reference import to_torch, torchvision_densenet  # noqa: E402  (needs torch)
@@ -29,7 +29,7 @@ from dnc.verify import load_generated  # noqa: E402
 TOLERANCE = 1e-5
 CUDA_TOLERANCE = 1e-4  # cuDNN picks its own convolution algorithms (Winograd, FFT): looser rounding
 BATCHES = [1, 3]  # 3 goes through the dynamic batch axis
-LARGE = {"densenet161", "densenet201", "densenet264", "densenet_bc190_k40", "densenet_bc250_k24"}
+LARGE = {"densenet161", "densenet201", "densenet264", "densenet100_k24", "densenet_bc190_k40", "densenet_bc250_k24"}
 
 
 def _param(name):

@@ -11,7 +11,7 @@ import re
 import numpy as np
 import onnx
 import pytest
-from conftest import ALL_SPECS, run_dnc, spec_path
+from conftest import ALL_SPECS, dnc_cli, spec_path
 
 from dnc.emit_onnx import (
     BATCH,
@@ -141,14 +141,14 @@ def test_max_opset_is_the_newest_both_onnx_and_onnxruntime_support():
 
 
 def test_compile_onnx_writes_a_loadable_model_and_says_unchanged_the_second_time(tmp_path):
-    first = run_dnc("compile", spec_path(SMALL), "--target", "onnx", "-o", tmp_path, "--opset", MAX_OPSET)
+    first = dnc_cli("compile", spec_path(SMALL), "--target", "onnx", "-o", tmp_path, "--opset", MAX_OPSET)
     assert first.returncode == 0, first.stderr
     path = tmp_path / f"{SMALL}.onnx"
     assert first.stdout == f"{path}: written\n"
     model = onnx.load(path)
     onnx.checker.check_model(model, full_check=True)
     assert model.opset_import[0].version == MAX_OPSET
-    again = run_dnc("compile", spec_path(SMALL), "--target", "onnx", "-o", tmp_path, "--opset", MAX_OPSET)
+    again = dnc_cli("compile", spec_path(SMALL), "--target", "onnx", "-o", tmp_path, "--opset", MAX_OPSET)
     assert again.returncode == 0 and again.stdout == f"{path}: unchanged\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
@@ -156,19 +156,19 @@ def test_compile_onnx_writes_a_loadable_model_and_says_unchanged_the_second_time
 def test_seed_changes_the_weights(tmp_path):
     for seed in ("1", "2"):
         out = tmp_path / seed
-        assert run_dnc("compile", spec_path(SMALL), "--target", "onnx", "-o", out, "--seed", seed).returncode == 0
+        assert dnc_cli("compile", spec_path(SMALL), "--target", "onnx", "-o", out, "--seed", seed).returncode == 0
     a, b = (onnx.load(tmp_path / s / f"{SMALL}.onnx") for s in ("1", "2"))
     assert a.graph.node == b.graph.node and a.graph.initializer != b.graph.initializer
 
 
 def test_help_states_the_opset_range_and_default():
-    result = run_dnc("compile", "--help")
+    result = dnc_cli("compile", "--help")
     assert f"onnx: ONNX opset, {MIN_OPSET} to {MAX_OPSET} [default: {DEFAULT_OPSET}]" in " ".join(result.stdout.split())
 
 
 @pytest.mark.parametrize("opset", ["12", str(MAX_OPSET + 1)])
 def test_bad_opset_is_one_line_and_exit_2(tmp_path, opset):
-    result = run_dnc("compile", spec_path(SMALL), "--target", "onnx", "-o", tmp_path, "--opset", opset)
+    result = dnc_cli("compile", spec_path(SMALL), "--target", "onnx", "-o", tmp_path, "--opset", opset)
     assert result.returncode == 2
     assert result.stderr == f"dnc: error: --opset {opset} is not supported: choose {MIN_OPSET} to {MAX_OPSET}\n"
     assert not list(tmp_path.iterdir())
@@ -194,7 +194,7 @@ def _save(state, path, fmt):
 
         save_file(dict(state), str(path))
         return
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", exc_type=ImportError)
     from dnc.reference import to_torch
 
     tensors = to_torch(state)
@@ -214,7 +214,7 @@ def test_weights_from_a_checkpoint_file(tmp_path, small_state, fmt, suffix):
     ckpt = tmp_path / f"weights.{suffix}"
     _save(small_state, ckpt, fmt)
     out = tmp_path / "out"
-    result = run_dnc("compile", spec_path(SMALL), "--target", "onnx", "-o", out, "--weights", ckpt)
+    result = dnc_cli("compile", spec_path(SMALL), "--target", "onnx", "-o", out, "--weights", ckpt)
     assert result.returncode == 0, result.stderr
     model = onnx.load(out / f"{SMALL}.onnx")
     assert [t.name for t in model.graph.initializer] == initializer_keys(build(spec_path(SMALL))[1])
@@ -226,7 +226,7 @@ def test_weights_of_another_network_are_one_line_and_exit_2(tmp_path, small_stat
     ckpt = tmp_path / "bc100.safetensors"
     _save(small_state, ckpt, "safetensors")
     out = tmp_path / "out"
-    result = run_dnc("compile", spec_path("densenet40_k12"), "--target", "onnx", "-o", out, "--weights", ckpt)
+    result = dnc_cli("compile", spec_path("densenet40_k12"), "--target", "onnx", "-o", out, "--weights", ckpt)
     assert result.returncode == 2
     assert ONE_LINE_ERROR.match(result.stderr), result.stderr
     assert result.stderr.startswith(f"{ckpt}: error: checkpoint does not fit the network: ")
@@ -237,7 +237,7 @@ def test_unreadable_weights_are_one_line_and_exit_2(tmp_path):
     ckpt = tmp_path / "junk.safetensors"
     ckpt.write_bytes(b"not a checkpoint")
     out = tmp_path / "out"
-    result = run_dnc("compile", spec_path(SMALL), "--target", "onnx", "-o", out, "--weights", ckpt)
+    result = dnc_cli("compile", spec_path(SMALL), "--target", "onnx", "-o", out, "--weights", ckpt)
     assert result.returncode == 2
     assert ONE_LINE_ERROR.match(result.stderr), result.stderr
     assert not out.exists() or not list(out.iterdir())
@@ -246,7 +246,7 @@ def test_unreadable_weights_are_one_line_and_exit_2(tmp_path):
 def test_weights_need_exactly_one_spec(tmp_path, small_state):
     ckpt = tmp_path / "w.safetensors"
     _save(small_state, ckpt, "safetensors")
-    result = run_dnc(
+    result = dnc_cli(
         "compile", spec_path(SMALL), spec_path("densenet121"), "--target", "onnx", "-o", tmp_path, "--weights", ckpt
     )
     assert result.returncode == 2

@@ -9,19 +9,20 @@ shapes are torchvision's. The models under test are the committed files in gener
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import CIFAR_SPECS, ROOT, TORCHVISION_SPECS, import_file, spec_path
 
 from dnc.infer import state_dict_layout, state_dict_shapes
 from dnc.ir import graph_input, ordered, output
 from dnc.pipeline import build
-from dnc.reference import to_torch, torchvision_densenet
 from dnc.weights import seeded_state
 
-torch.set_num_threads(2)
+torch = pytest.importorskip("torch", exc_type=ImportError)  # no torch: skip the module
+
+from dnc.reference import to_torch, torchvision_densenet  # noqa: E402  (needs torch)
+
 SLOW = {"densenet161", "densenet201", "densenet264"}
-SLOW_CIFAR = {"densenet_bc190_k40", "densenet_bc250_k24"}
-SIZES = [(224, 224), (192, 256)]
+SLOW_CIFAR = {"densenet100_k24", "densenet_bc190_k40", "densenet_bc250_k24"}  # 15M to 27M parameters
+SIZES = [(224, 224), (97, 131)]  # the spec's size, and an odd one where every pool floors
 RTOL = 1e-5
 
 
@@ -50,9 +51,9 @@ def pair(request):
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_eval_matches_torchvision(pair, size):
     generated, reference, _ = pair
-    x = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        for batch in (x, x[:1]):  # batch 3 and batch 1
+        for batch in (x, x[:1]):  # batch 2 and batch 1
             out, ref = generated(batch), reference(batch)
             assert out.shape == ref.shape == (len(batch), 1000)
             assert rel_err(out, ref) <= RTOL

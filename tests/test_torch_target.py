@@ -7,7 +7,7 @@ import sys
 
 import networkx as nx
 import pytest
-from conftest import ALL_SPECS, ROOT, run_dnc, spec_path
+from conftest import ALL_SPECS, ROOT, dnc_cli, run_dnc, spec_path
 
 from dnc import emit_torch
 from dnc.errors import EmitError
@@ -111,20 +111,20 @@ def test_compile_imports_no_torch(tmp_path):
 
 def test_compile_writes_only_when_changed(tmp_path):
     out = tmp_path / "gen"
-    first = run_dnc("compile", "specs/densenet121.yaml", "specs/densenet40_k12.yaml", "-o", out)
+    first = dnc_cli("compile", "specs/densenet121.yaml", "specs/densenet40_k12.yaml", "-o", out)
     assert first.returncode == 0, first.stderr
     assert "densenet121.py: written" in first.stdout
     target = out / "densenet121.py"
     assert target.read_text() == (GENERATED / "densenet121.py").read_text()
     mtime = target.stat().st_mtime_ns
-    again = run_dnc("compile", "specs/densenet121.yaml", "-o", out)
+    again = dnc_cli("compile", "specs/densenet121.yaml", "-o", out)
     assert "densenet121.py: unchanged" in again.stdout
     assert target.stat().st_mtime_ns == mtime
     assert sorted(p.name for p in out.iterdir()) == ["densenet121.py", "densenet40_k12.py"]  # no temp files left
 
 
 def test_compile_with_set(tmp_path):
-    result = run_dnc("compile", "specs/densenet121.yaml", "--set", "growth_rate=48", "-o", tmp_path)
+    result = dnc_cli("compile", "specs/densenet121.yaml", "--set", "growth_rate=48", "-o", tmp_path)
     assert result.returncode == 0, result.stderr
     text = (tmp_path / "densenet121.py").read_text()
     assert "block.denselayer2 = DenseLayer(in_channels=112, width=192, growth=48)" in text
@@ -145,27 +145,27 @@ def test_check_names_stale_missing_and_orphan_files(tmp_path):
     (tmp_path / "specs").mkdir()
     for name in ("densenet121", "densenet40_k12", "densenet_bc100_k12"):
         (tmp_path / "specs" / f"{name}.yaml").write_text(spec_path(name).read_text())
-    assert run_dnc("compile", cwd=tmp_path).returncode == 0
+    assert dnc_cli("compile", cwd=tmp_path).returncode == 0
     gen = tmp_path / "generated"
     (gen / "densenet121.py").write_text((gen / "densenet121.py").read_text() + "# edited\n")
     (gen / "densenet40_k12.py").unlink()
     (gen / "old.py").write_text("")
     before = {p.name: p.read_bytes() for p in gen.iterdir()}
-    result = run_dnc("compile", "--check", cwd=tmp_path)
+    result = dnc_cli("compile", "--check", cwd=tmp_path)
     assert result.returncode == 1
     assert "generated/densenet121.py: stale" in result.stderr
     assert "generated/densenet40_k12.py: missing" in result.stderr
     assert "generated/old.py: generated from no spec" in result.stderr
     assert "densenet_bc100_k12" not in result.stderr
     assert {p.name: p.read_bytes() for p in gen.iterdir()} == before  # --check writes nothing
-    named = run_dnc("compile", "--check", "specs/densenet_bc100_k12.yaml", cwd=tmp_path)
+    named = dnc_cli("compile", "--check", "specs/densenet_bc100_k12.yaml", cwd=tmp_path)
     assert named.returncode == 0, named.stderr
 
 
 def test_an_error_writes_nothing(tmp_path, write_spec):
     bad = write_spec("version: 1\nname: bad\ninput: {size: [32, 32]}\ngrowth_rate: 0\nblocks: [2]\n")
     out = tmp_path / "out"
-    result = run_dnc("compile", "specs/densenet121.yaml", bad, "-o", out)
+    result = dnc_cli("compile", "specs/densenet121.yaml", bad, "-o", out)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert "net.yaml:4:14: error: growth_rate" in result.stderr
@@ -173,7 +173,7 @@ def test_an_error_writes_nothing(tmp_path, write_spec):
 
 
 def test_two_specs_with_one_name(tmp_path):
-    result = run_dnc("compile", "specs/densenet121.yaml", "specs/densenet121.yaml", "-o", tmp_path)
+    result = dnc_cli("compile", "specs/densenet121.yaml", "specs/densenet121.yaml", "-o", tmp_path)
     assert result.returncode == 2
     assert "both name the network 'densenet121'" in result.stderr
 
@@ -190,7 +190,7 @@ def test_two_specs_with_one_name(tmp_path):
     ],
 )
 def test_bad_input_is_one_line(args, message):
-    result = run_dnc(*args)
+    result = dnc_cli(*args)
     assert result.returncode == 2
     assert message.lower() in result.stderr.lower()
     assert result.stderr.count("\n") == 1

@@ -10,15 +10,15 @@ import inspect
 import re
 
 import pytest
-import torch
-from conftest import import_file, run_dnc
+from conftest import dnc_cli, import_file
 
 from dnc.infer import state_dict_layout
 from dnc.pipeline import build
-from dnc.reference import to_torch, torchvision_densenet
 from dnc.weights import seeded_state
 
-torch.set_num_threads(2)
+torch = pytest.importorskip("torch", exc_type=ImportError)  # no torch: skip the module
+
+from dnc.reference import to_torch, torchvision_densenet  # noqa: E402  (needs torch)
 
 TINY = """\
 version: 1
@@ -38,7 +38,7 @@ def compile_tiny(tmp_path, *overrides: str):
     spec_file = tmp_path / "tiny.yaml"
     spec_file.write_text(TINY)
     sets = [a for o in overrides for a in ("--set", o)]
-    result = run_dnc("compile", spec_file, "-o", tmp_path / "out", *sets)
+    result = dnc_cli("compile", spec_file, "-o", tmp_path / "out", *sets)
     assert result.returncode == 0, result.stderr
     spec, graph = build(spec_file, sets[1::2])
     return import_file(tmp_path / "out" / "tiny.py", f"tiny_{tmp_path.name}"), spec, graph

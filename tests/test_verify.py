@@ -5,12 +5,15 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
-from conftest import run_dnc
-from safetensors.torch import save_file
+from conftest import dnc_cli, run_dnc
 
 from dnc.pipeline import build
-from dnc.reference import torchvision_densenet
+
+torch = pytest.importorskip("torch", exc_type=ImportError)  # no torch: skip the module
+
+from safetensors.torch import save_file  # noqa: E402  (needs torch)
+
+from dnc.reference import torchvision_densenet  # noqa: E402  (needs torch)
 
 # A small network torchvision can express, so the tests stay quick on two cores.
 SMALL = """\
@@ -59,7 +62,7 @@ def test_verify_pth_old_and_new_keys(small, tmp_path):
     oldest = {k: v for k, v in old.items() if not k.endswith("num_batches_tracked")}  # before PyTorch 0.4
     torch.save(oldest, tmp_path / "oldest.pth")
     for name in ("new.pth", "old.pth", "oldest.pth"):
-        result = run_dnc("verify", small, "--weights", tmp_path / name)
+        result = dnc_cli("verify", small, "--weights", tmp_path / name)
         assert result.returncode == 0, result.stderr
         assert f"weights {tmp_path / name}" in result.stdout
         assert result.stdout.strip().endswith(": ok")
@@ -67,7 +70,7 @@ def test_verify_pth_old_and_new_keys(small, tmp_path):
 
 def test_verify_safetensors(small, tmp_path):
     save_file({k: v.contiguous() for k, v in torchvision_state(small).items()}, tmp_path / "w.safetensors")
-    result = run_dnc("verify", small, "--weights", tmp_path / "w.safetensors")
+    result = dnc_cli("verify", small, "--weights", tmp_path / "w.safetensors")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith(": ok")
 
@@ -75,7 +78,7 @@ def test_verify_safetensors(small, tmp_path):
 def test_verify_wrong_checkpoint_is_one_line(small, tmp_path, write_spec):
     other = write_spec(SMALL.replace("growth_rate: 12", "growth_rate: 8"), "other.yaml")
     torch.save(torchvision_state(other), tmp_path / "other.pth")
-    result = run_dnc("verify", small, "--weights", tmp_path / "other.pth")
+    result = dnc_cli("verify", small, "--weights", tmp_path / "other.pth")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert "other.pth: error: checkpoint does not fit the network" in result.stderr
@@ -83,7 +86,7 @@ def test_verify_wrong_checkpoint_is_one_line(small, tmp_path, write_spec):
 
 
 def test_verify_without_torchvision_reference():
-    result = run_dnc("verify", "specs/densenet40_k12.yaml", "--batch", "1")
+    result = dnc_cli("verify", "specs/densenet40_k12.yaml", "--batch", "1")
     assert result.returncode == 0, result.stderr
     assert "no torchvision reference" in result.stdout
     assert "output (1, 10) and 1,019,722 parameters as inferred: ok" in result.stdout
@@ -92,7 +95,7 @@ def test_verify_without_torchvision_reference():
 def test_verify_onnx_against_torchvision_with_a_checkpoint(small, tmp_path):
     ckpt = tmp_path / "small.pth"
     torch.save(torchvision_state(small), ckpt)
-    result = run_dnc("verify", small, "--target", "onnx", "--weights", ckpt, "--batch", "3")
+    result = dnc_cli("verify", small, "--target", "onnx", "--weights", ckpt, "--batch", "3")
     assert result.returncode == 0, result.stderr
     line = result.stdout.strip()
     assert line.startswith(f"{small} (onnx, onnxruntime): vs torchvision, weights {ckpt}, input (3, 3, 64, 64) on cpu")
@@ -100,14 +103,14 @@ def test_verify_onnx_against_torchvision_with_a_checkpoint(small, tmp_path):
 
 
 def test_verify_onnx_without_torchvision_compares_with_the_generated_model():
-    result = run_dnc("verify", "specs/densenet40_k12.yaml", "--target", "onnx", "--batch", "2")
+    result = dnc_cli("verify", "specs/densenet40_k12.yaml", "--target", "onnx", "--batch", "2")
     assert result.returncode == 0, result.stderr
     assert "(onnx, onnxruntime): vs the generated PyTorch model (torchvision's DenseNet cannot express" in result.stdout
     assert float(re.search(r"max rel error ([^:]+):", result.stdout).group(1)) <= 1e-5
 
 
 def test_verify_unknown_target(small):
-    result = run_dnc("verify", small, "--target", "tensorflow")
+    result = dnc_cli("verify", small, "--target", "tensorflow")
     assert (result.returncode, result.stderr) == (
         2,
         "dnc: error: unknown target 'tensorflow': expected one of torch, onnx\n",
@@ -116,7 +119,7 @@ def test_verify_unknown_target(small):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
 def test_verify_cuda_without_cuda(small):
-    result = run_dnc("verify", small, "--device", "cuda")
+    result = dnc_cli("verify", small, "--device", "cuda")
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "dnc: error: --device cuda: no CUDA device is available here (torch.cuda.is_available() is False)"
@@ -126,7 +129,7 @@ def test_verify_cuda_without_cuda(small):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_verify_on_cuda(small):
-    result = run_dnc("verify", small, "--device", "cuda")
+    result = dnc_cli("verify", small, "--device", "cuda")
     assert result.returncode == 0, result.stderr
     assert "on cuda" in result.stdout
 
