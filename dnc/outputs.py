@@ -26,21 +26,23 @@ def plan_outputs(
     suffix: str,
     out_dir: Path,
     recorded: bool = False,
+    passes: Callable[[dict], Sequence] = lambda options: (),
 ) -> dict[Path, bytes]:
     """Compile every spec in memory: output path -> content. Raises before anything is written.
 
     With `recorded`, a spec whose output already exists is compiled with the overrides and
-    options recorded in that file's header (what `--check` judges it against).
+    options recorded in that file's header (what `--check` judges it against). `passes`
+    gives the optimisation passes for a set of options (see dnc/passes.py).
     """
     outputs: dict[Path, bytes] = {}
     sources: dict[Path, Path] = {}
     for spec_path in specs:
-        _, graph = build(display_path(spec_path), overrides)
+        _, graph = build(display_path(spec_path), overrides, passes(options))
         path = out_dir / f"{graph.graph['name']}{suffix}"
         rec = read_record(_head(path)) if recorded else None
         opts = options
         if rec is not None and (tuple(rec["set"]) != tuple(overrides) or _options(rec) != options):
-            _, graph = build(display_path(spec_path), rec["set"])
+            _, graph = build(display_path(spec_path), rec["set"], passes(_options(rec)))
             opts = _options(rec)
         if path in outputs:
             raise EmitError(f"{spec_path} and {sources[path]} both name the network '{graph.graph['name']}' ({path})")
