@@ -7,7 +7,7 @@ relative difference between their outputs. Both sides get the same weights: a
 seeded checkpoint written once to a .safetensors file, which each side reads inside
 its timed subprocess.
 
-    python benchmarks/onnx_vs_torch_export.py [--specs densenet121 densenet264] [--runs 20]
+    python benchmarks/onnx_vs_torch_export.py [--specs densenet121 densenet264] [--runs 20] [--level 2]
 
 torch's side uses the TorchScript exporter (dynamo=False): the torch.export-based one
 needs onnxscript, which dnc does not depend on.
@@ -94,7 +94,7 @@ def bench(name: str, args, work: Path) -> list[tuple[str, str, str, str]]:
     save_file(seeded_state(state_dict_layout(graph), seed=0), str(ckpt))
     ours, theirs = work / "dnc" / f"{name}.onnx", work / f"{name}.torch.onnx"
     dnc_cmd = [sys.executable, "-m", "dnc", "compile", str(spec), "--target", "onnx", "-o", str(ours.parent)]
-    dnc_cmd += ["--weights", str(ckpt), "--opset", str(args.opset)]
+    dnc_cmd += ["--weights", str(ckpt), "--opset", str(args.opset), "-O", str(args.level)]
     k, blocks, width = CONFIGS[name]
     torch_cmd = [sys.executable, "-c", TORCH_EXPORT, str(k), repr(blocks), str(width), str(ckpt), str(theirs)]
     torch_cmd.append(str(args.opset))
@@ -124,6 +124,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--specs", nargs="+", default=["densenet121"], choices=sorted(CONFIGS))
     parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--level", type=int, default=2, help="dnc's -O level (ONNX default: 2)")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     parser.add_argument("--warmup", type=int, default=3)

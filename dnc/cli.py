@@ -73,6 +73,65 @@ def build_options(command):
     return wrapper
 
 
+def pass_options(command):
+    """-O LEVEL, --pass NAME, --no-pass NAME: which optimisation passes run (see `dnc passes`)."""
+    command = click.option(
+        "--no-pass", "no_pass", multiple=True, metavar="NAME[,NAME]", help="Skip these passes (see dnc passes)."
+    )(command)
+    command = click.option(
+        "--pass", "pass_", multiple=True, metavar="NAME[,NAME]", help="Also run these passes, whatever the level."
+    )(command)
+    return click.option(
+        "-O",
+        "--opt-level",
+        "opt_level",
+        type=click.IntRange(0, 2),
+        default=None,
+        help="Optimisation level: 0 none, 1 passes that keep training, 2 eval-only ones too "
+        "[default: torch 0, onnx 2].",
+    )(command)
+
+
+def _pass_settings(t, opt_level, pass_, no_pass) -> dict:
+    """The pass options as a compile records them: only what differs from the target's default."""
+    out = {}
+    if opt_level is not None and opt_level != t.default_level:
+        out["opt_level"] = opt_level
+    for key, names in (("pass", pass_), ("no_pass", no_pass)):
+        if names:
+            out[key] = ",".join(sorted({w.strip() for text in names for w in text.split(",") if w.strip()}))
+    return out
+
+
+def _passes(t, settings: dict) -> list:
+    from dnc.passes import select
+
+    level = settings.get("opt_level", t.default_level)
+    on, off = (str(settings.get(k, "")).split(",") for k in ("pass", "no_pass"))
+    return select(t.name, int(level), [w for w in on if w], [w for w in off if w])
+
+
+def _option_type(opt):
+    if opt.type is Path:
+        return click.Path(dir_okay=False, path_type=Path)
+    return click.IntRange(min=opt.minimum) if opt.minimum is not None else opt.type
+
+
+def target_options(command):
+    """Add every registered target's own options to `command` (each refused for the other targets)."""
+    from dnc.targets import all_options
+
+    for name, (opt, owners) in reversed(all_options().items()):
+        command = click.option(
+            f"--{name}",
+            type=_option_type(opt),
+            default=None,
+            metavar=opt.metavar,
+            help=f"{', '.join(owners)}: {opt.help}",
+        )(command)
+    return command
+
+
 def report_errors(command):
     """Turn DncError into `file:line:col: error: message` and exit 2; never a traceback."""
 
@@ -166,13 +225,17 @@ def validate(specs, overrides, policy):
 @spec_arg
 @set_option
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--target", default="torch", show_default=True, help="The target whose passes run (MACs after them).")
+@pass_options
 @build_options
 @report_errors
-def summary(spec, overrides, fmt, policy):
+def summary(spec, overrides, fmt, target, opt_level, pass_, no_pass, policy):
     """Per-stage output shape, channels, parameters and MACs, with totals."""
     from dnc.summary import summarize
+    from dnc.targets import target as find_target
 
-    _, graph = build(spec, overrides, **policy)
+    t = find_target(target)
+    _, graph = build(spec, overrides, passes=_passes(t, _pass_settings(t, opt_level, pass_, no_pass)), **policy)
     result = summarize(graph)
     if fmt == "json":
         click.echo(json.dumps(result.to_json(), indent=2))
@@ -207,27 +270,6 @@ def resolve(spec, overrides, fmt, policy):
 SPECS_DIR = Path("specs")
 
 
-def _option_type(opt):
-    if opt.type is Path:
-        return click.Path(dir_okay=False, path_type=Path)
-    return click.IntRange(min=opt.minimum) if opt.minimum is not None else opt.type
-
-
-def target_options(command):
-    """Add every registered target's own options to `command` (each refused for the other targets)."""
-    from dnc.targets import all_options
-
-    for name, (opt, owners) in reversed(all_options().items()):
-        command = click.option(
-            f"--{name}",
-            type=_option_type(opt),
-            default=None,
-            metavar=opt.metavar,
-            help=f"{', '.join(owners)}: {opt.help}",
-        )(command)
-    return command
-
-
 @main.command("compile")
 @click.argument("specs", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--target", default="torch", show_default=True, help=f"One of: {', '.join(TARGET_NAMES)}.")
@@ -243,10 +285,11 @@ def target_options(command):
     help="Write nothing; exit 1 naming each output that is missing or stale (judged by the options recorded in it).",
 )
 @target_options
+@pass_options
 @set_option
 @build_options
 @report_errors
-def compile_(specs, target, out_dir, check, overrides, policy, **options):
+def compile_(specs, target, out_dir, check, overrides, policy, opt_level, pass_, no_pass, **options):
     """Emit code for SPECS (default: every specs/*.yaml), one file per spec: OUT_DIR/<name>.py or .onnx.
 
     Every spec is compiled before anything is written; a file is rewritten (atomically)
@@ -262,11 +305,21 @@ def compile_(specs, target, out_dir, check, overrides, policy, **options):
         raise DncError(f"{', '.join(foreign)}: not an option of --target {t.name}")
     if "weights" in given and len(specs) != 1:
         raise DncError(f"--weights fits one network: give exactly one spec, not {len(specs) or 'all of specs/'}")
+    given |= _pass_settings(t, opt_level, pass_, no_pass)
+    _passes(t, given)  # unknown names fail before any spec is read
     out_dir = out_dir or t.default_out
     every_spec = not specs
     recorded = check and not overrides and not given
     outputs = plan_outputs(
-        specs or _all_specs(), overrides, t.emit, given, t.suffix, out_dir, recorded=recorded, policy=policy
+        specs or _all_specs(),
+        overrides,
+        t.emit,
+        given,
+        t.suffix,
+        out_dir,
+        recorded=recorded,
+        policy=policy,
+        passes=functools.partial(_passes, t),
     )
     if check:
         problems = stale_outputs(outputs, out_dir, t.suffix, every_spec=every_spec)
@@ -299,9 +352,10 @@ def _all_specs() -> list[Path]:
 )
 @click.option("--batch", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--target", default="torch", show_default=True, help=f"What to run: one of {', '.join(TARGET_NAMES)}.")
+@pass_options
 @build_options
 @report_errors
-def verify(specs, overrides, weights, device, seed, batch, target, policy):
+def verify(specs, overrides, weights, device, seed, batch, target, opt_level, pass_, no_pass, policy):
     """Run what dnc compile emits and compare it with torchvision's DenseNet.
 
     --target torch runs the generated PyTorch model, --target onnx the ONNX model on
@@ -318,10 +372,12 @@ def verify(specs, overrides, weights, device, seed, batch, target, policy):
 
     t = find_target(target)
     check_device(device)
+    passes = _passes(t, _pass_settings(t, opt_level, pass_, no_pass))
     failed = 0
     for path in specs:
-        spec, graph = build(display_path(path), overrides, **policy)
-        outcome = verify_one(spec, graph, str(path), target=t, weights=weights, device=device, seed=seed, batch=batch)
+        spec, graph = build(display_path(path), overrides, passes=passes, **policy)
+        label = str(path) if opt_level is None else f"{path} (-O{opt_level})"
+        outcome = verify_one(spec, graph, label, target=t, weights=weights, device=device, seed=seed, batch=batch)
         say(outcome.line)
         failed += not outcome.ok
     sys.exit(1 if failed else 0)
@@ -330,14 +386,28 @@ def verify(specs, overrides, weights, device, seed, batch, target, policy):
 @main.command("ir")
 @spec_arg
 @set_option
+@click.option("--target", default="torch", show_default=True, help="The target whose passes run.")
+@pass_options
 @build_options
 @report_errors
-def ir_(spec, overrides, policy):
+def ir_(spec, overrides, target, opt_level, pass_, no_pass, policy):
     """Print the inferred IR, one line per node: name, op, attributes, inputs, output shape."""
     from dnc.ir_text import ir_text
+    from dnc.targets import target as find_target
 
-    _, graph = build(spec, overrides, **policy)
+    t = find_target(target)
+    _, graph = build(spec, overrides, passes=_passes(t, _pass_settings(t, opt_level, pass_, no_pass)), **policy)
     click.echo(ir_text(graph), nl=False)
+
+
+@main.command("passes")
+@report_errors
+def passes_():
+    """List the optimisation passes: name, -O level, targets, what each does."""
+    from dnc.passes import PASSES
+
+    for p in PASSES.values():
+        click.echo(f"{p.name:<14} -O{p.level}  {','.join(sorted(p.targets)):<11} {p.doc}")
 
 
 @main.command()

@@ -123,8 +123,8 @@ OPTIONS = ("memory_efficient",)  # graph attributes that change how code runs, n
 
 
 def _side(source: str, spec, graph: nx.DiGraph) -> Side:
-    owners = {f"{n.scope}.{t.name}": (n, t.name) for n in ordered(graph) for t in n.tensors}
-    state = {key: next(t.shape for t in n.tensors if t.name == name) for key, (n, name) in owners.items()}
+    owners = {n.key(t): (n, t.name) for n in ordered(graph) for t in n.tensors}
+    state = {n.key(t): t.shape for n in ordered(graph) for t in n.tensors}
     options = {k: graph.graph.get(k) for k in OPTIONS}
     return Side(source, resolved_data(spec), summarize(graph), state, owners, network(graph), options)
 

@@ -15,6 +15,10 @@ Choices, and why:
   "logits".
 - The IR version is the lowest that the chosen opset needs, so a model at an old
   opset also loads in an old runtime.
+- Pass outputs (dnc/passes.py): a conv with a folded batch norm is one Conv whose
+  weight and bias are computed here from the checkpoint, named `<conv key>.folded_weight`
+  and `<conv key>.folded_bias` (e.g. `features.conv0.folded_weight`); a fused BN+ReLU is
+  BatchNormalization then Relu (`<norm key>/relu`); a block-buffer concat is a Concat.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ def emit_onnx(
     check_opset(opset)
     names: dict[str, str] = {}  # IR scope -> the tensor holding its output
     nodes, used = [], []
+    folded: dict[str, np.ndarray] = {}
     for n in ordered(graph):
         srcs = [names[s] for s in inputs(graph, n.scope)]
         if n.op is OpKind.INPUT:
@@ -85,15 +90,27 @@ def emit_onnx(
             names[n.scope] = srcs[0]
             continue
         out = OUTPUT_NAME if graph.out_degree(n.scope) == 0 else n.scope
-        params = _param_keys(n)
-        nodes.append(_make(n, srcs + params, out))
+        if n.op is OpKind.CONV_BN:
+            _check_weights(n, state)
+            weight, bias = _fold_conv_bn(n, state)
+            params = [f"{n.scope}.folded_weight", f"{n.scope}.folded_bias"]
+            folded.update(zip(params, (weight, bias), strict=True))
+        else:
+            params = _param_keys(n)
+        if n.op is OpKind.BN_RELU:
+            nodes.append(_make(n, srcs + params, f"{n.scope}/bn"))
+            nodes.append(helper.make_node("Relu", [f"{n.scope}/bn"], [out], f"{n.scope}/relu"))
+        else:
+            nodes.append(_make(n, srcs + params, out))
         used += params
         names[n.scope] = out
 
-    missing = [k for k in used if k not in state]
+    missing = [k for k in used if k not in state and k not in folded]
     if missing:
         raise EmitError(f"no weights for {len(missing)} parameters (first: {missing[0]})")
-    initializers = [numpy_helper.from_array(np.asarray(state[k], dtype=np.float32), k) for k in used]
+    initializers = [
+        numpy_helper.from_array(np.asarray(folded[k] if k in folded else state[k], dtype=np.float32), k) for k in used
+    ]
     first, last = graph_input(graph), output(graph)
     x = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [BATCH, *first.shape])
     y = helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [BATCH, *last.shape])
@@ -114,20 +131,37 @@ def emit_onnx(
     return model
 
 
+def _check_weights(n: Node, state: Mapping[str, np.ndarray]) -> None:
+    missing = [n.key(t) for t in n.tensors if not t.integer and n.key(t) not in state]
+    if missing:
+        raise EmitError(f"no weights for {len(missing)} parameters (first: {missing[0]})")
+
+
+def _fold_conv_bn(n: Node, state: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The weight and bias of one conv that computes conv then batch norm (eval), in float64 then float32."""
+    get = {t.name if not t.module else f"bn.{t.name}": np.asarray(state[n.key(t)], np.float64) for t in n.tensors}
+    scale = get["bn.weight"] / np.sqrt(get["bn.running_var"] + n.attrs.bn.eps)
+    bias = get["bn.bias"] - get["bn.running_mean"] * scale
+    if "bias" in get:
+        bias = bias + get["bias"] * scale
+    return (get["weight"] * scale[:, None, None, None]).astype(np.float32), bias.astype(np.float32)
+
+
 def _param_keys(n: Node) -> list[str]:
     """The node's weight inputs, in ONNX's input order (the op table's order), named as torch names them."""
-    return [f"{n.scope}.{t.name}" for t in n.tensors if t.onnx]
+    return [n.key(t) for t in n.tensors if t.onnx]
 
 
 def _make(n: Node, ins: list[str], out: str) -> onnx.NodeProto:
     a = n.attrs
     make = helper.make_node
     match n.op:
-        case OpKind.CONV:
+        case OpKind.CONV | OpKind.CONV_BN:
+            a = a.conv if n.op is OpKind.CONV_BN else a
             return make(
                 "Conv", ins, [out], n.scope, kernel_shape=[a.kernel] * 2, pads=[a.padding] * 4, strides=[a.stride] * 2
             )
-        case OpKind.BATCHNORM:
+        case OpKind.BATCHNORM | OpKind.BN_RELU:
             return make("BatchNormalization", ins, [out], n.scope, epsilon=a.eps)
         case OpKind.RELU:
             return make("Relu", ins, [out], n.scope)
@@ -152,7 +186,7 @@ def _make(n: Node, ins: list[str], out: str) -> onnx.NodeProto:
                 pads=[a.padding] * 4,
                 strides=[a.stride] * 2,
             )
-        case OpKind.CONCAT:
+        case OpKind.CONCAT | OpKind.BUFFER_CONCAT:
             return make("Concat", ins, [out], n.scope, axis=1)
         case OpKind.GLOBAL_AVGPOOL:
             return make("GlobalAveragePool", ins, [out], n.scope)

@@ -40,6 +40,7 @@ from dnc.ir import (
     UnitKind,
     input_nodes,
     inputs,
+    node,
     ordered,
     unit_output,
     units,
@@ -55,7 +56,19 @@ LINE_LENGTH = 120  # the project's ruff line-length: generated files must pass `
 # Names the generated module defines or imports: a network may not be called one of these.
 _TAKEN = {"re", "torch", "nn", "F", "Tensor", "OrderedDict", "DenseNet", "DenseBlock", "DenseLayer"}
 _TAKEN |= {"PlainDenseLayer", "Transition", "upgrade_state_dict", "any_requires_grad", "build", "checkpoint"}
-_MODULE_OPS = {OpKind.CONV, OpKind.BATCHNORM, OpKind.RELU, OpKind.MAXPOOL, OpKind.AVGPOOL}
+_TAKEN |= {"ReLU", "BNReLU", "FoldedConv2d", "FoldedBatchNorm2d", "BufferedDenseBlock"}
+_MODULE_OPS = {
+    OpKind.CONV,
+    OpKind.BATCHNORM,
+    OpKind.RELU,
+    OpKind.MAXPOOL,
+    OpKind.AVGPOOL,
+    OpKind.CONV_BN,
+    OpKind.BN_RELU,
+}
+_CONVS = (OpKind.CONV, OpKind.CONV_BN)
+# ops that return a tensor of their own: a ReLU after one (its only reader) may work in place
+_FRESH = {OpKind.CONV, OpKind.CONV_BN, OpKind.BATCHNORM, OpKind.BN_RELU, OpKind.LINEAR, OpKind.AVGPOOL, OpKind.MAXPOOL}
 _HEAD_OPS = _MODULE_OPS | {OpKind.GLOBAL_AVGPOOL, OpKind.FLATTEN, OpKind.LINEAR}
 
 
@@ -98,6 +111,12 @@ class Step:
 
     node: Node
     out_arg: str | None = None  # the constructor argument holding a conv's output channels
+    fresh: bool = False  # a ReLU whose input is a tensor only it reads
+
+
+def _fresh_input(graph: nx.DiGraph, n: Node) -> bool:
+    (src,) = input_nodes(graph, n)
+    return n.op is OpKind.RELU and src.op in _FRESH and graph.out_degree(src.scope) == 1
 
 
 def _chain(graph: nx.DiGraph, members: list[Node], entry: str) -> list[Node]:
@@ -113,6 +132,21 @@ def _chain(graph: nx.DiGraph, members: list[Node], entry: str) -> list[Node]:
         chain.append(n)
         previous = n.scope
     return chain
+
+
+def _modules(n: Node, cin: str, cout: str | None = None, fresh: bool = False) -> list[tuple[str, str]]:
+    """(module name, constructor call) of each module one op needs: two for a conv with a folded batch norm."""
+    if n.op is OpKind.CONV_BN:
+        a = n.attrs
+        conv = _module(n.replace(op=OpKind.CONV, attrs=a.conv), cin, cout)
+        conv = conv.replace("nn.Conv2d(", "FoldedConv2d(", 1)[:-1] + f", norm={json.dumps(_ident(a.norm))})"
+        norm = _module(n.replace(op=OpKind.BATCHNORM, attrs=a.bn), cout)
+        return [(n.name, conv), (a.norm, norm.replace("nn.BatchNorm2d(", "FoldedBatchNorm2d(", 1))]
+    if n.op is OpKind.BN_RELU:
+        return [(n.name, _module(n.replace(op=OpKind.BATCHNORM), cin).replace("nn.BatchNorm2d(", "BNReLU(", 1))]
+    if n.op is OpKind.RELU and fresh:
+        return [(n.name, "ReLU()")]
+    return [(n.name, _module(n, cin, cout))]
 
 
 def _module(n: Node, cin: str, cout: str | None = None) -> str:
@@ -149,9 +183,9 @@ def _module(n: Node, cin: str, cout: str | None = None) -> str:
     raise EmitError(f"torch target: {n.scope}: no module for op '{n.op}'")
 
 
-def _literal_module(graph: nx.DiGraph, n: Node) -> str:
+def _literal_modules(graph: nx.DiGraph, n: Node) -> list[tuple[str, str]]:
     cin = _int(input_nodes(graph, n)[0].shape[0])
-    return _module(n, cin, _int(n.attrs.out_channels) if n.op is OpKind.CONV else None)
+    return _modules(n, cin, _int(n.shape[0]) if n.op in _CONVS else None, _fresh_input(graph, n))
 
 
 # -- unit classes --------------------------------------------------------------------
@@ -166,6 +200,7 @@ class UnitClass:
     signature: tuple
     steps: list[Step]  # from the first instance; dropout rates and channels are arguments
     drop_slots: set[int] = field(default_factory=set)  # indices in `steps` after which dropout may run
+    buffered: bool = False  # a dense layer that reads a view of its block buffer, not a list of features
 
     @property
     def args(self) -> list[str]:
@@ -175,8 +210,8 @@ class UnitClass:
     @property
     def checkpointed(self) -> bool:
         """Dense layers with a bottleneck recompute it in backward under memory_efficient (as torchvision)."""
-        convs = [s for s in self.steps if s.node.op is OpKind.CONV]
-        return self.kind is UnitKind.DENSE_LAYER and len(convs) > 1
+        convs = [s for s in self.steps if s.node.op in _CONVS]
+        return self.kind is UnitKind.DENSE_LAYER and len(convs) > 1 and not self.buffered
 
 
 def _core(chain: list[Node]) -> tuple[list[Node], set[int], list[float]]:
@@ -198,7 +233,7 @@ def _core(chain: list[Node]) -> tuple[list[Node], set[int], list[float]]:
 
 
 def _out_args(kind: UnitKind, core: list[Node]) -> list[str | None]:
-    convs = [i for i, n in enumerate(core) if n.op is OpKind.CONV]
+    convs = [i for i, n in enumerate(core) if n.op in _CONVS]
     names: dict[int, str] = {}
     if kind is UnitKind.DENSE_LAYER:
         for number, i in enumerate(convs[:-1], start=1):
@@ -211,13 +246,15 @@ def _out_args(kind: UnitKind, core: list[Node]) -> list[str | None]:
     return [names.get(i) for i in range(len(core))]
 
 
-def _signature(core: list[Node]) -> tuple:
-    def attrs(n: Node):
+def _signature(core: list[Node], fresh: list[bool]) -> tuple:
+    def attrs(n: Node):  # channels are arguments
         if n.op is OpKind.CONV:
-            return dataclasses.replace(n.attrs, out_channels=0)  # channels are arguments
+            return dataclasses.replace(n.attrs, out_channels=0)
+        if n.op is OpKind.CONV_BN:
+            return dataclasses.replace(n.attrs, conv=dataclasses.replace(n.attrs.conv, out_channels=0))
         return n.attrs
 
-    return tuple((n.name, n.op, attrs(n)) for n in core)
+    return tuple((n.name, n.op, attrs(n), f) for n, f in zip(core, fresh, strict=True))
 
 
 class Classes:
@@ -226,22 +263,27 @@ class Classes:
     def __init__(self) -> None:
         self.all: list[UnitClass] = []
 
-    def instance(self, kind: UnitKind, chain: list[Node], in_channels: int) -> str:
+    def instance(
+        self, graph: nx.DiGraph, kind: UnitKind, chain: list[Node], in_channels: int, buffered: bool = False
+    ) -> str:
         """The constructor call of the unit `chain`, creating or widening its class."""
         core, slots, rates = _core(chain)
         if not core:
             raise EmitError(f"torch target: {chain[0].unit} has no ops")
-        sig = _signature(core)
+        # a ReLU first in its chain reads the unit's input, which others read too
+        fresh = [i > 0 and (i - 1) not in slots and _fresh_input(graph, n) for i, n in enumerate(core)]
+        sig = (buffered, _signature(core, fresh))
         cls = next((c for c in self.all if c.kind is kind and c.signature == sig), None)
         if cls is None:
             names = _out_args(kind, core)
-            cls = UnitClass(self._name(kind, core), kind, sig, [Step(n, a) for n, a in zip(core, names, strict=True)])
+            steps = [Step(n, a, f) for n, a, f in zip(core, names, fresh, strict=True)]
+            cls = UnitClass(self._name(kind, core), kind, sig, steps, buffered=buffered)
             self.all.append(cls)
         cls.drop_slots |= slots
         values = [f"in_channels={_int(in_channels)}"]
         for s, n in zip(cls.steps, core, strict=True):
             if s.out_arg:
-                values.append(f"{s.out_arg}={_int(n.attrs.out_channels)}")
+                values.append(f"{s.out_arg}={_int(n.shape[0])}")
         if rates:
             values.append(f"drop_rate={_rate(rates[0])}")
         return f"{cls.name}({', '.join(values)})"
@@ -250,7 +292,7 @@ class Classes:
         if kind is UnitKind.TRANSITION:
             base = "Transition"
         else:
-            base = "DenseLayer" if sum(n.op is OpKind.CONV for n in core) > 1 else "PlainDenseLayer"
+            base = "DenseLayer" if sum(n.op in _CONVS for n in core) > 1 else "PlainDenseLayer"
         taken = {c.name for c in self.all}
         number = 1
         name = base
@@ -266,7 +308,8 @@ def _class_view(cls: UnitClass) -> dict:
     channels = "in_channels"
     for s in cls.steps:
         n = s.node
-        init.add(f"self.{_ident(n.name)} = {_module(n, channels, s.out_arg)}")
+        for name, call in _modules(n, channels, s.out_arg, s.fresh):
+            init.add(f"self.{_ident(name)} = {call}")
         if s.out_arg:
             channels = s.out_arg
     if cls.drop_slots:
@@ -281,7 +324,7 @@ def _class_view(cls: UnitClass) -> dict:
                 code.add("if self.drop_rate > 0:")
                 code.add("    x = F.dropout(x, p=self.drop_rate, training=self.training)")
 
-    first_conv = next(i for i, s in enumerate(cls.steps) if s.node.op is OpKind.CONV) if cls.checkpointed else -1
+    first_conv = next(i for i, s in enumerate(cls.steps) if s.node.op in _CONVS) if cls.checkpointed else -1
     dense = cls.kind is UnitKind.DENSE_LAYER
     bottleneck = Code(8)
     if cls.checkpointed:
@@ -289,7 +332,7 @@ def _class_view(cls: UnitClass) -> dict:
         step_lines(bottleneck, range(first_conv + 1))
         bottleneck.add("return x")
     forward = Code(8)
-    if dense and not cls.checkpointed:
+    if dense and not cls.checkpointed and not cls.buffered:
         forward.add("x = torch.cat(features, 1)")
     step_lines(forward, range(first_conv + 1, len(cls.steps)))
     forward.add("return x")
@@ -302,7 +345,7 @@ def _class_view(cls: UnitClass) -> dict:
         "signature": signature,
         "init": init.text(),
         "bottleneck": bottleneck.text() if cls.checkpointed else "",
-        "input": "features: list[Tensor]" if dense else "x: Tensor",
+        "input": "features: list[Tensor]" if dense and not cls.buffered else "x: Tensor",
         "forward": forward.text(),
     }
 
@@ -313,6 +356,8 @@ _OP_WORDS = {
     OpKind.RELU: "ReLU",
     OpKind.MAXPOOL: "MaxPool",
     OpKind.AVGPOOL: "AvgPool",
+    OpKind.CONV_BN: "Conv",
+    OpKind.BN_RELU: "BN+ReLU",
 }
 
 
@@ -321,12 +366,15 @@ def _class_doc(cls: UnitClass) -> str:
     for i, s in enumerate(cls.steps):
         n = s.node
         word = _OP_WORDS[n.op]
-        if n.op in (OpKind.CONV, OpKind.AVGPOOL, OpKind.MAXPOOL):
-            word += f"({n.attrs.kernel}x{n.attrs.kernel}{f'/{n.attrs.stride}' if n.attrs.stride > 1 else ''})"
+        a = n.attrs.conv if n.op is OpKind.CONV_BN else n.attrs
+        if n.op in (*_CONVS, OpKind.AVGPOOL, OpKind.MAXPOOL):
+            word += f"({a.kernel}x{a.kernel}{f'/{a.stride}' if a.stride > 1 else ''})"
         if s.out_arg:
             word += f" to `{s.out_arg}`"
-        if n.op is OpKind.CONV and n.attrs.bias:
+        if n.op in _CONVS and a.bias:
             word += " with bias"
+        if n.op is OpKind.CONV_BN:
+            word += "+BN folded"
         parts.append(word)
         if i in cls.drop_slots:
             parts.append("dropout")
@@ -383,7 +431,7 @@ def view(graph: nx.DiGraph, options: dict) -> dict:
             entry = _entry(graph, members)
             chain = _chain(graph, members, entry.scope)
             parent = _parent(chain, 2)
-            call = classes.instance(kind, chain, entry.shape[0])
+            call = classes.instance(graph, kind, chain, entry.shape[0])
             init.add(f"features.{_ident(parent[1])} = {call}", _shape(chain[-1]))
             count += 1
         elif kind is UnitKind.HEAD:
@@ -395,7 +443,8 @@ def view(graph: nx.DiGraph, options: dict) -> dict:
                 if n.path[0] == "features" and len(n.path) == 2 and not head_modules:
                     count += _feature(init, graph, n, previous)
                 elif len(n.path) == 1:
-                    init.add(f"self.{_ident(n.name)} = {_literal_module(graph, n)}")
+                    for attr, module in _literal_modules(graph, n):
+                        init.add(f"self.{_ident(attr)} = {module}")
                     head_modules.append(n.name)
                     last = n is members[-1]
                     call = f"self.{n.name}(x)"
@@ -408,7 +457,10 @@ def view(graph: nx.DiGraph, options: dict) -> dict:
     if not head_modules or not head.lines[-1].startswith("return "):
         raise EmitError("torch target: the network must end in a head module outside `features`")
     checkpointed = [c.name for c in classes.all if c.checkpointed]
+    used = {n.op for n in nodes}
+    channels_last = graph.graph.get("memory_format") == "channels_last"
     features_node = next(n for n in reversed(nodes) if n.path[0] == "features")
+    class_views = [_class_view(c) for c in classes.all]
     return {
         "name": name,
         "header": header_lines(graph, TEMPLATE, options),
@@ -418,13 +470,21 @@ def view(graph: nx.DiGraph, options: dict) -> dict:
         "features_shape": _shape(features_node),
         "old_key_pattern": json.dumps(OLD_KEY_PATTERN),  # a double-quoted literal, as ruff format writes it
         "memory_efficient": repr(bool(graph.graph.get("memory_efficient", False))),
-        "classes": [_class_view(c) for c in classes.all],
+        "classes": class_views,
         "uses_dropout": any(c.drop_slots for c in classes.all),
         "checkpointed": f"({', '.join(checkpointed)},)" if len(checkpointed) > 1 else "".join(checkpointed),
         "init": init.text(),
         "head": head.text(),
         "positions": ", ".join(map(str, positions)),
         "last_position": str(positions[-1]) if positions else "-1",
+        "inference_only": bool(graph.graph.get("inference_only")),
+        "relu": any(n.op is OpKind.RELU and _fresh_input(graph, n) for n in nodes),
+        "folded_conv": OpKind.CONV_BN in used,
+        "bn_relu": OpKind.BN_RELU in used,
+        "buffered": OpKind.BUFFER_CONCAT in used,
+        "plain_block": OpKind.CONCAT in used or not positions,
+        "memory_format": "torch.channels_last" if channels_last else "torch.contiguous_format",
+        "channels_last": channels_last,
     }
 
 
@@ -433,8 +493,10 @@ def _feature(init: Code, graph: nx.DiGraph, n: Node, previous: Node) -> int:
     if n.op not in _MODULE_OPS or len(n.path) != 2 or n.path[0] != "features":
         raise EmitError(f"torch target: {n.scope}: a {n.op.value} cannot be a module of `features` here")
     changed = previous is None or n.shape != previous.shape
-    init.add(f"features.{_ident(n.name)} = {_literal_module(graph, n)}", _shape(n) if changed else "")
-    return 1
+    modules = _literal_modules(graph, n)
+    for i, (name, module) in enumerate(modules):
+        init.add(f"features.{_ident(name)} = {module}", _shape(n) if changed and i == 0 else "")
+    return len(modules)
 
 
 def _entry(graph: nx.DiGraph, members: list[Node]) -> Node:
@@ -455,7 +517,11 @@ def _parent(chain: list[Node], depth: int) -> tuple[str, ...]:
 def _open_block(graph: nx.DiGraph, unit: Unit, members: list[Node], init: Code) -> dict:
     entry = _entry(graph, members)
     parent = _parent(members, 3)
+    concats = {node(graph, s).op for s in graph.succ[entry.scope]} & {OpKind.CONCAT, OpKind.BUFFER_CONCAT}
+    if len(concats) > 1:
+        raise EmitError(f"torch target: {entry.scope} feeds both concats and buffer concats: one block, one kind")
     block = {
+        "buffered": concats == {OpKind.BUFFER_CONCAT},
         "unit": unit.block,
         "module": parent[1],
         "path": parent[:2],
@@ -472,7 +538,7 @@ def _open_block(graph: nx.DiGraph, unit: Unit, members: list[Node], init: Code) 
 
 def _dense_layer(graph: nx.DiGraph, unit: Unit, members: list[Node], block: dict, classes: Classes, init: Code):
     first = members[0]
-    if first.op is OpKind.CONCAT:
+    if first.op in (OpKind.CONCAT, OpKind.BUFFER_CONCAT):
         _check_features(graph, first, block["features"])
         rest, entry, cin = members[1:], first, first.shape[0]
     else:
@@ -486,7 +552,7 @@ def _dense_layer(graph: nx.DiGraph, unit: Unit, members: list[Node], block: dict
     out = unit_output(graph, members)
     if out.scope != chain[-1].scope:
         raise EmitError(f"torch target: {unit}: its output {out.scope} is not the end of its chain")
-    call = classes.instance(UnitKind.DENSE_LAYER, chain, cin)
+    call = classes.instance(graph, UnitKind.DENSE_LAYER, chain, cin, block["buffered"])
     init.add(f"block.{_ident(parent[2])} = {call}")
     block["features"].append(chain[-1].scope)
     block["layers"].append(out)
@@ -505,7 +571,7 @@ def _check_features(graph: nx.DiGraph, cat: Node, features: list[str]) -> None:
 def _close_block(graph: nx.DiGraph, members: list[Node], block: dict) -> tuple[str, str, str]:
     """Check a block's output; return its comment, its line in __init__ and its shape comment."""
     (cat,) = members
-    if cat.op is not OpKind.CONCAT:
+    if cat.op not in (OpKind.CONCAT, OpKind.BUFFER_CONCAT):
         raise EmitError(f"torch target: {cat.scope}: a block ends in a concatenation, not a {cat.op.value}")
     _check_features(graph, cat, block["features"])
     if cat.path[:-1] != block["path"]:
@@ -516,7 +582,8 @@ def _close_block(graph: nx.DiGraph, members: list[Node], block: dict) -> tuple[s
     count = f"{len(layers)} layer{'s' if len(layers) != 1 else ''}"
     growth = " and ".join(map(str, growths))
     summary = f"{block['module']}: {count} of growth {growth}, {block['entry'].shape[0]} -> {cat.shape[0]} channels"
-    return f"# {summary}", f"features.{_ident(block['module'])} = block = DenseBlock()", _shape(cat)
+    module = f"BufferedDenseBlock(channels={_int(cat.attrs.channels)})" if block["buffered"] else "DenseBlock()"
+    return f"# {summary}", f"features.{_ident(block['module'])} = block = {module}", _shape(cat)
 
 
 def _network_name(name) -> str:

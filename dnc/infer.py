@@ -48,7 +48,7 @@ def fmt_shape(shape: Shape) -> str:
 
 def state_dict_layout(graph: nx.DiGraph) -> dict[str, Tensor]:
     """The torch state_dict of the network: key -> tensor description, in module order."""
-    return {f"{n.scope}.{t.name}": t for n in ordered(graph) for t in n.tensors}
+    return {n.key(t): t for n in ordered(graph) for t in n.tensors}
 
 
 def state_dict_shapes(graph: nx.DiGraph) -> dict[str, tuple[int, ...]]:

@@ -24,7 +24,9 @@ from dnc.ops import (  # noqa: F401 (re-exported: the IR's vocabulary)
     OPS,
     Attrs,
     BatchNormAttrs,
+    BufferAttrs,
     ConvAttrs,
+    ConvBNAttrs,
     DropoutAttrs,
     InputAttrs,
     LinearAttrs,
@@ -33,6 +35,7 @@ from dnc.ops import (  # noqa: F401 (re-exported: the IR's vocabulary)
     PoolAttrs,
     Shape,
     Tensor,
+    tensor_key,
 )
 
 
@@ -96,6 +99,10 @@ class Node:
     @property
     def stage(self) -> str:
         return self.unit.stage
+
+    def key(self, t: Tensor) -> str:
+        """The state_dict key of one of this node's tensors."""
+        return tensor_key(self.path, t)
 
     def replace(self, **changes) -> Node:
         return dataclasses.replace(self, **changes)

@@ -20,7 +20,11 @@ def ir_text(graph: nx.DiGraph) -> str:
     """The whole graph: a title line, then units and their nodes in order, then totals."""
     nodes = ordered(graph)
     first, last = graph_input(graph), output(graph)
-    lines = [f"graph {graph.graph.get('name', '?')} ({_shape(first)} -> {_shape(last)}):"]
+    # what passes decided for the whole network (dnc/passes.py); absent at -O0
+    notes = [graph.graph[k] for k in ("memory_format",) if graph.graph.get(k)]
+    notes += ["inference only"] if graph.graph.get("inference_only") else []
+    tail = "".join(f", {note}" for note in notes)
+    lines = [f"graph {graph.graph.get('name', '?')} ({_shape(first)} -> {_shape(last)}){tail}:"]
     unit = None
     for n in nodes:
         if n.unit != unit and n.unit.kind is not UnitKind.INPUT:

@@ -14,6 +14,7 @@ convention); BN, ReLU and pooling count none. No torch here.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,10 @@ class OpKind(StrEnum):
     GLOBAL_AVGPOOL = "global_avgpool"
     FLATTEN = "flatten"
     LINEAR = "linear"
+    # Made by passes (dnc/passes.py), never by lowering:
+    CONV_BN = "conv_bn"  # a convolution with the batch norm after it folded in (eval only)
+    BN_RELU = "bn_relu"  # a batch norm and the ReLU after it, one step (eval only)
+    BUFFER_CONCAT = "buffer_concat"  # a concat whose inputs are written once into a preallocated block buffer
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,31 @@ class NoAttrs:
     pass
 
 
-Attrs = InputAttrs | ConvAttrs | BatchNormAttrs | PoolAttrs | DropoutAttrs | LinearAttrs | NoAttrs
+@dataclass(frozen=True)
+class ConvBNAttrs:
+    """A conv and the batch norm it absorbed; the BN's tensors keep their keys under `norm`, a sibling module."""
+
+    conv: ConvAttrs
+    norm: str  # the batch norm's module name beside the conv (`norm2`)
+    bn: BatchNormAttrs = BatchNormAttrs()
+
+
+@dataclass(frozen=True)
+class BufferAttrs:
+    channels: int  # the block buffer's channels: the block output's; each concat is a view of its first ones
+
+
+Attrs = (
+    InputAttrs
+    | ConvAttrs
+    | BatchNormAttrs
+    | PoolAttrs
+    | DropoutAttrs
+    | LinearAttrs
+    | NoAttrs
+    | ConvBNAttrs
+    | BufferAttrs
+)
 
 
 class Init(StrEnum):
@@ -112,10 +141,17 @@ class Tensor:
     trainable: bool  # a parameter (counted in params) or a buffer
     onnx: bool = True  # an input of the ONNX node, in this order; False: no inference op reads it
     integer: bool = False  # int64 (a counter), else float32
+    module: str = ""  # a sibling module that holds it (a folded BN's tensors keep their keys); "": the node's own
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+
+def tensor_key(path: tuple[str, ...], t: Tensor) -> str:
+    """The state_dict key of tensor `t` of the node at module `path`."""
+    owner = (*path[:-1], t.module) if t.module else path
+    return ".".join((*owner, t.name))
 
 
 class RuleError(Exception):
@@ -218,6 +254,20 @@ def _linear_tensors(a: LinearAttrs, shapes: list[Shape]) -> list[Tensor]:
     return [weight] + ([Tensor("bias", (a.out_features,), Init.SMALL, True)] if a.bias else [])
 
 
+def _conv_bn_tensors(a: ConvBNAttrs, shapes: list[Shape]) -> list[Tensor]:
+    # No ONNX node reads these: the ONNX emitter writes the folded weight and bias instead.
+    conv = [dataclasses.replace(t, onnx=False) for t in _conv_tensors(a.conv, shapes)]
+    norm = _batchnorm_tensors(a.bn, [(a.conv.out_channels,)])
+    return conv + [dataclasses.replace(t, module=a.norm, onnx=False) for t in norm]
+
+
+def _buffer_concat(a: BufferAttrs, shapes: list[Shape]) -> Shape:
+    shape = _concat(NoAttrs(), shapes)
+    if shape[0] > a.channels:
+        raise RuleError(f"needs {shape[0]} channels of a {a.channels}-channel block buffer")
+    return shape
+
+
 OPS: dict[OpKind, OpDef] = {
     OpKind.INPUT: OpDef(InputAttrs, 0, _input),
     OpKind.CONV: OpDef(ConvAttrs, 1, lambda a, s: _windowed(a, s, a.out_channels), _conv_tensors, _conv_macs),
@@ -230,6 +280,15 @@ OPS: dict[OpKind, OpDef] = {
     OpKind.GLOBAL_AVGPOOL: OpDef(NoAttrs, 1, _global_avgpool),
     OpKind.FLATTEN: OpDef(NoAttrs, 1, _flatten),
     OpKind.LINEAR: OpDef(LinearAttrs, 1, _linear_shape, _linear_tensors, lambda a, s, out: a.out_features * s[0][0]),
+    OpKind.CONV_BN: OpDef(
+        ConvBNAttrs,
+        1,
+        lambda a, s: _windowed(a.conv, s, a.conv.out_channels),
+        _conv_bn_tensors,
+        lambda a, s, out: _conv_macs(a.conv, s, out),
+    ),
+    OpKind.BN_RELU: OpDef(BatchNormAttrs, 1, lambda a, s: _feature_map(s), _batchnorm_tensors),
+    OpKind.BUFFER_CONCAT: OpDef(BufferAttrs, None, _buffer_concat),
 }
 
 

@@ -44,22 +44,24 @@ def plan_outputs(
     out_dir: Path,
     recorded: bool = False,
     policy: Mapping | None = None,
+    passes: Callable[[dict], Sequence] = lambda options: (),
 ) -> dict[Path, bytes]:
     """Compile every spec in memory: output path -> content. Raises before anything is written.
 
     With `recorded`, a spec whose output already exists is compiled with the overrides and
     options recorded in that file's header (what `--check` judges it against). `policy`
-    holds `build`'s limits and spec roots.
+    holds `build`'s limits and spec roots; `passes` gives the optimisation passes for a
+    set of options (see dnc/passes.py).
     """
     outputs: dict[Path, bytes] = {}
     sources: dict[Path, Path] = {}
     for spec_path in specs:
-        _, graph = build(display_path(spec_path), overrides, **(policy or {}))
+        _, graph = build(display_path(spec_path), overrides, passes=passes(options), **(policy or {}))
         path = out_dir / f"{graph.graph['name']}{suffix}"
         rec = read_record(_head(path)) if recorded else None
         opts = options
         if rec is not None and (tuple(rec["set"]) != tuple(overrides) or _options(rec) != options):
-            _, graph = build(display_path(spec_path), rec["set"], **(policy or {}))
+            _, graph = build(display_path(spec_path), rec["set"], passes=passes(_options(rec)), **(policy or {}))
             opts = _options(rec)
         if path in outputs:
             raise EmitError(f"{spec_path} and {sources[path]} both name the network '{graph.graph['name']}' ({path})")

@@ -37,6 +37,7 @@ class Target:
     options: tuple[Option, ...] = field(default_factory=tuple)
     runner: str = ""  # "module:function" that runs the emitted artifact: (graph, state, x, device) -> numpy
     inference_only: bool = False
+    default_level: int = 0  # the -O level when none is given (dnc/passes.py)
 
     def emitter(self):
         return importlib.import_module(self.module)
@@ -72,6 +73,7 @@ TARGETS: dict[str, Target] = {
             ),
             runner="dnc.verify:run_onnx",
             inference_only=True,
+            default_level=2,  # inference-only anyway: every ONNX pass holds
         ),
     )
 }

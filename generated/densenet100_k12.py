@@ -41,6 +41,18 @@ def _upgrade_old_keys(module, state_dict, prefix, local_metadata, strict, missin
             state_dict[match.group(1) + match.group(2)] = state_dict.pop(key)
 
 
+class ReLU(nn.ReLU):
+    """ReLU, in place when no gradient is recorded (its input is a fresh tensor only it reads), else out of place.
+
+    Out of place whenever autograd records, so backward hooks (grad-CAM) see the tensors they expect.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            return torch.relu(x)
+        return torch.relu_(x)
+
+
 class PlainDenseLayer(nn.Module):
     """Dense layer: reads the concatenation of its block's features so far.
 
@@ -50,7 +62,7 @@ class PlainDenseLayer(nn.Module):
     def __init__(self, in_channels: int, growth: int) -> None:
         super().__init__()
         self.norm1 = nn.BatchNorm2d(in_channels)
-        self.relu1 = nn.ReLU()
+        self.relu1 = ReLU()
         self.conv1 = nn.Conv2d(in_channels, growth, kernel_size=3, padding=1, bias=False)
 
     def forward(self, features: list[Tensor]) -> Tensor:
@@ -70,7 +82,7 @@ class Transition(nn.Module):
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.norm = nn.BatchNorm2d(in_channels)
-        self.relu = nn.ReLU()
+        self.relu = ReLU()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
         self.pool = nn.AvgPool2d(kernel_size=2)
 
@@ -205,7 +217,7 @@ class DenseNet(nn.Module):
         block.denselayer31 = PlainDenseLayer(in_channels=1144, growth=12)
         block.denselayer32 = PlainDenseLayer(in_channels=1156, growth=12)
         features.norm5 = nn.BatchNorm2d(1168)
-        features.relu5 = nn.ReLU()
+        features.relu5 = ReLU()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten(1)
         self.classifier = nn.Linear(1168, 10)

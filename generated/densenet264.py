@@ -49,6 +49,18 @@ def any_requires_grad(tensors: list[Tensor]) -> bool:
     return False
 
 
+class ReLU(nn.ReLU):
+    """ReLU, in place when no gradient is recorded (its input is a fresh tensor only it reads), else out of place.
+
+    Out of place whenever autograd records, so backward hooks (grad-CAM) see the tensors they expect.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            return torch.relu(x)
+        return torch.relu_(x)
+
+
 class DenseLayer(nn.Module):
     """Dense layer: reads the concatenation of its block's features so far.
 
@@ -58,10 +70,10 @@ class DenseLayer(nn.Module):
     def __init__(self, in_channels: int, width: int, growth: int) -> None:
         super().__init__()
         self.norm1 = nn.BatchNorm2d(in_channels)
-        self.relu1 = nn.ReLU()
+        self.relu1 = ReLU()
         self.conv1 = nn.Conv2d(in_channels, width, kernel_size=1, bias=False)
         self.norm2 = nn.BatchNorm2d(width)
-        self.relu2 = nn.ReLU()
+        self.relu2 = ReLU()
         self.conv2 = nn.Conv2d(width, growth, kernel_size=3, padding=1, bias=False)
         self.memory_efficient = False  # set by DenseNet
 
@@ -102,7 +114,7 @@ class Transition(nn.Module):
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.norm = nn.BatchNorm2d(in_channels)
-        self.relu = nn.ReLU()
+        self.relu = ReLU()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
         self.pool = nn.AvgPool2d(kernel_size=2)
 
@@ -133,7 +145,7 @@ class DenseNet(nn.Module):
         # stem
         features.conv0 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)  # (B, 64, 112, 112)
         features.norm0 = nn.BatchNorm2d(64)
-        features.relu0 = nn.ReLU()
+        features.relu0 = ReLU()
         features.pool0 = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)  # (B, 64, 56, 56)
         # denseblock1: 6 layers of growth 32, 64 -> 256 channels
         features.denseblock1 = block = DenseBlock()  # (B, 256, 56, 56)
@@ -277,7 +289,7 @@ class DenseNet(nn.Module):
         block.denselayer47 = DenseLayer(in_channels=2624, width=128, growth=32)
         block.denselayer48 = DenseLayer(in_channels=2656, width=128, growth=32)
         features.norm5 = nn.BatchNorm2d(2688)
-        features.relu5 = nn.ReLU()
+        features.relu5 = ReLU()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten(1)
         self.classifier = nn.Linear(2688, 1000)

@@ -49,6 +49,18 @@ def any_requires_grad(tensors: list[Tensor]) -> bool:
     return False
 
 
+class ReLU(nn.ReLU):
+    """ReLU, in place when no gradient is recorded (its input is a fresh tensor only it reads), else out of place.
+
+    Out of place whenever autograd records, so backward hooks (grad-CAM) see the tensors they expect.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            return torch.relu(x)
+        return torch.relu_(x)
+
+
 class DenseLayer(nn.Module):
     """Dense layer: reads the concatenation of its block's features so far.
 
@@ -58,10 +70,10 @@ class DenseLayer(nn.Module):
     def __init__(self, in_channels: int, width: int, growth: int) -> None:
         super().__init__()
         self.norm1 = nn.BatchNorm2d(in_channels)
-        self.relu1 = nn.ReLU()
+        self.relu1 = ReLU()
         self.conv1 = nn.Conv2d(in_channels, width, kernel_size=1, bias=False)
         self.norm2 = nn.BatchNorm2d(width)
-        self.relu2 = nn.ReLU()
+        self.relu2 = ReLU()
         self.conv2 = nn.Conv2d(width, growth, kernel_size=3, padding=1, bias=False)
         self.memory_efficient = False  # set by DenseNet
 
@@ -102,7 +114,7 @@ class Transition(nn.Module):
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.norm = nn.BatchNorm2d(in_channels)
-        self.relu = nn.ReLU()
+        self.relu = ReLU()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
         self.pool = nn.AvgPool2d(kernel_size=2)
 
@@ -189,7 +201,7 @@ class DenseNet(nn.Module):
         block.denselayer15 = DenseLayer(in_channels=318, width=48, growth=12)
         block.denselayer16 = DenseLayer(in_channels=330, width=48, growth=12)
         features.norm5 = nn.BatchNorm2d(342)
-        features.relu5 = nn.ReLU()
+        features.relu5 = ReLU()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten(1)
         self.classifier = nn.Linear(342, 10)

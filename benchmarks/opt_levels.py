@@ -1,0 +1,194 @@
+"""Torch -O levels against torchvision, eval mode: time ratios in one process, peak memory in fresh ones.
+
+All models get the same seeded weights and input and run under no_grad; torchvision
+runs eager NCHW and channels_last (its input converted inside the timed call, as the
+-O2 module converts its own). Configurations run interleaved, `--rounds` rounds of
+`--runs` calls each, and each keeps its best median, so that a slow spell of a shared
+machine does not land on one of them alone. `--memory` also measures the peak RSS
+growth of one inference pass, each model in a fresh process. `--profile` prints
+where -O2's time goes (torch.profiler, by op). `--compile` times torch.compile.
+
+    python benchmarks/opt_levels.py [--spec specs/densenet121.yaml] [--batch 1] [--threads 0] [--memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def models(spec_path: str, names: list[str]):
+    """name -> (model, channels_last input?) for torchvision, torchvision_cl and each -O level."""
+    import importlib.util
+
+    import torch
+
+    from dnc import emit_torch
+    from dnc.infer import state_dict_layout
+    from dnc.passes import select
+    from dnc.pipeline import build
+    from dnc.reference import to_torch, torchvision_densenet
+    from dnc.weights import seeded_state
+
+    spec, graph = build(spec_path)
+    state = to_torch(seeded_state(state_dict_layout(graph)))
+    out = {}
+    tmp = Path(tempfile.mkdtemp(prefix="dnc-bench-"))
+    for name in names:
+        if name.startswith("torchvision"):
+            model = torchvision_densenet(spec)
+            model.load_state_dict(state)
+            if name == "torchvision_cl":
+                model = model.to(memory_format=torch.channels_last)
+        else:  # O0, O1, O2, or O2-<pass> (-O2 without that pass)
+            level, _, off = name[1:].partition("-")
+            _, g = build(spec_path, passes=select("torch", int(level), disable=[off] if off else []))
+            path = tmp / f"{name.replace('-', '_')}.py"
+            path.write_text(emit_torch.emit(g))
+            loader = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(loader)
+            sys.modules[loader.name] = module
+            loader.loader.exec_module(module)
+            model = module.DenseNet()
+            model.load_state_dict(state, strict=True)
+        out[name] = model.eval()
+    return out, graph
+
+
+def timing(args) -> dict[str, float]:
+    import torch
+
+    from dnc.ir import graph_input
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    found, graph = models(args.spec, args.models)
+    x = torch.randn(args.batch, *graph_input(graph).shape, generator=torch.Generator().manual_seed(0))
+
+    def call(name, model):
+        return model(x.contiguous(memory_format=torch.channels_last) if name == "torchvision_cl" else x)
+
+    best = {name: float("inf") for name in found}
+    with torch.no_grad():
+        for name, model in found.items():
+            call(name, model)  # warm-up
+        for _ in range(args.rounds):
+            for name, model in found.items():
+                times = []
+                for _ in range(args.runs):
+                    start = time.perf_counter()
+                    call(name, model)
+                    times.append(time.perf_counter() - start)
+                best[name] = min(best[name], statistics.median(times))
+    return best
+
+
+MEMORY_CHILD = r"""
+import json, resource, sys, torch
+sys.path.insert(0, sys.argv[1])
+from benchmarks.opt_levels import models
+from dnc.ir import graph_input
+found, graph = models(sys.argv[2], [sys.argv[3]])
+model = found[sys.argv[3]]
+torch.set_num_threads(int(sys.argv[5]) or torch.get_num_threads())
+x = torch.randn(int(sys.argv[4]), *graph_input(graph).shape)
+with open("/proc/self/statm") as f:
+    before = int(f.read().split()[1]) * resource.getpagesize() // 1024
+with torch.no_grad():
+    model(x.contiguous(memory_format=torch.channels_last) if sys.argv[3] == "torchvision_cl" else x)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"peak_mib": (peak - before) / 1024}))
+"""
+
+
+def memory(args, name: str) -> float:
+    cmd = [sys.executable, "-c", MEMORY_CHILD, str(ROOT), args.spec, name, str(args.batch), str(args.threads)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def profile(args) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from dnc.ir import graph_input
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    found, graph = models(args.spec, ["O2", "torchvision"])
+    x = torch.randn(args.batch, *graph_input(graph).shape)
+    for name, model in found.items():
+        with torch.no_grad():
+            model(x)
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(3):
+                    model(x)
+        print(f"== {name}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+def compiled(args) -> None:
+    import torch
+
+    from dnc.ir import graph_input
+
+    found, graph = models(args.spec, ["O2", "torchvision"])
+    x = torch.randn(args.batch, *graph_input(graph).shape)
+    for name, model in found.items():
+        fn = torch.compile(model)
+        with torch.no_grad():
+            start = time.perf_counter()
+            fn(x)
+            first = time.perf_counter() - start
+            times = []
+            for _ in range(args.runs):
+                start = time.perf_counter()
+                fn(x)
+                times.append(time.perf_counter() - start)
+        ms = statistics.median(times) * 1000
+        print(f"torch.compile {name}: first call (compile) {first:.1f} s, then {ms:.1f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", default="specs/densenet121.yaml")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--models", nargs="+", default=["torchvision", "torchvision_cl", "O0", "O1", "O2"])
+    parser.add_argument("--memory", action="store_true", help="also peak RSS growth, fresh process per model")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    args = parser.parse_args()
+    import torch
+
+    if args.profile:
+        return profile(args)
+    if args.compile:
+        return compiled(args)
+    best = timing(args)
+    threads = args.threads or torch.get_num_threads()
+    print(f"{args.spec}, batch {args.batch}, {threads} threads, torch {torch.__version__}, best of {args.rounds}")
+    base, base_cl = best["torchvision"], best.get("torchvision_cl", best["torchvision"])
+    for name, t in best.items():
+        line = f"{name:<16} {t * 1000:9.1f} ms  tv/this {base / t:5.2f}x  tv_cl/this {base_cl / t:5.2f}x"
+        if args.memory:
+            line += f"  peak {memory(args, name):7.0f} MiB"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

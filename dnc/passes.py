@@ -1,0 +1,178 @@
+"""Optimisation passes: IR -> IR rewrites that know DenseNet's structure, and the -O levels.
+
+Each pass is a pure function of an inferred IR that returns a new, re-inferred one
+(the pipeline verifies it), registered once in `PASSES` with its level, the targets
+it serves and one line on what it does:
+
+- level 1 keeps training semantics and the state_dict layout: the output still trains;
+- level 2 adds rewrites that hold only in eval mode; they mark the graph
+  `inference_only`, and the torch emitter then writes a module that refuses training.
+
+Every rewrite is exact algebra; none renames a state_dict key (a folded batch norm's
+tensors keep theirs, see `ops.Tensor.module`). No torch here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import networkx as nx
+
+from dnc.errors import DncError
+from dnc.infer import infer
+from dnc.ir import (
+    BufferAttrs,
+    ConvBNAttrs,
+    Node,
+    OpKind,
+    UnitKind,
+    input_nodes,
+    inputs,
+    node,
+    ordered,
+    replace_node,
+)
+from dnc.pipeline import NamedPass
+
+LEVELS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class PassInfo:
+    name: str
+    level: int  # the lowest -O level that runs it
+    targets: frozenset[str]
+    doc: str
+    run: Callable[[nx.DiGraph], nx.DiGraph]  # sets graph.graph["inference_only"] where it holds only in eval
+
+
+def _sole_consumer(graph: nx.DiGraph, n: Node) -> Node | None:
+    succ = list(graph.succ[n.scope])
+    return node(graph, succ[0]) if len(succ) == 1 else None
+
+
+def _bypass(graph: nx.DiGraph, dropped: Node, into: Node) -> None:
+    """Remove `dropped`, whose one input is `into`; its consumers read `into` at the same ports."""
+    for dst, edge in list(graph.succ[dropped.scope].items()):
+        graph.add_edge(into.scope, dst, port=edge["port"])
+    graph.remove_node(dropped.scope)
+
+
+def pool_first(graph: nx.DiGraph) -> nx.DiGraph:
+    """Transition: 2x2 average pool before the 1x1 conv (both linear, so they commute): 1/4 of its MACs."""
+    graph = graph.copy()
+    for n in ordered(graph):
+        pool = _sole_consumer(graph, n) if n.op is OpKind.CONV else None
+        if pool is None or pool.op is not OpKind.AVGPOOL or n.unit.kind is not UnitKind.TRANSITION:
+            continue
+        c, p = n.attrs, pool.attrs
+        if (c.kernel, c.stride, c.padding, p.padding) != (1, 1, 0, 0) or p.kernel != p.stride:
+            continue  # only a pointwise conv commutes with a non-overlapping, unpadded pool
+        (src,) = inputs(graph, n.scope)
+        consumers = list(graph.succ[pool.scope].items())
+        graph.remove_edge(src, n.scope)
+        graph.remove_edge(n.scope, pool.scope)
+        for dst, _ in consumers:
+            graph.remove_edge(pool.scope, dst)
+        graph.add_edge(src, pool.scope, port=0)
+        graph.add_edge(pool.scope, n.scope, port=0)
+        for dst, edge in consumers:
+            graph.add_edge(n.scope, dst, port=edge["port"])
+        # creation order stays a topological order: the pool takes the conv's place
+        replace_node(graph, pool.replace(order=n.order))
+        replace_node(graph, n.replace(order=pool.order))
+    return infer(graph)
+
+
+def fold_conv_bn(graph: nx.DiGraph) -> nx.DiGraph:
+    """A batch norm right after a conv (stem norm0, each bottleneck's norm2) folded into it; the conv gains a bias."""
+    graph = graph.copy()
+    for n in ordered(graph):
+        bn = _sole_consumer(graph, n) if n.op is OpKind.CONV else None
+        if bn is None or bn.op is not OpKind.BATCHNORM or bn.path[:-1] != n.path[:-1]:
+            continue
+        attrs = ConvBNAttrs(conv=n.attrs, norm=bn.name, bn=bn.attrs)
+        _bypass(graph, bn, n)
+        replace_node(graph, n.replace(op=OpKind.CONV_BN, attrs=attrs))
+    graph.graph["inference_only"] = True
+    return infer(graph)
+
+
+def fuse_bn_relu(graph: nx.DiGraph) -> nx.DiGraph:
+    """Pre-activation batch norm + ReLU as one step: a multiply-add by the folded scale and shift, then ReLU."""
+    graph = graph.copy()
+    for n in ordered(graph):
+        relu = _sole_consumer(graph, n) if n.op is OpKind.BATCHNORM else None
+        if relu is None or relu.op is not OpKind.RELU or relu.unit != n.unit:
+            continue
+        _bypass(graph, relu, n)
+        replace_node(graph, n.replace(op=OpKind.BN_RELU))
+    graph.graph["inference_only"] = True
+    return infer(graph)
+
+
+def block_buffer(graph: nx.DiGraph) -> nx.DiGraph:
+    """Each dense block writes every layer's new features once into one preallocated buffer; concats become views."""
+    graph = graph.copy()
+    for n in ordered(graph):
+        if n.op is not OpKind.CONCAT or n.unit.kind not in (UnitKind.DENSE_LAYER, UnitKind.BLOCK_OUTPUT):
+            continue
+        total = (n if n.unit.kind is UnitKind.BLOCK_OUTPUT else _block_output(graph, n)).shape[0]
+        replace_node(graph, n.replace(op=OpKind.BUFFER_CONCAT, attrs=BufferAttrs(total)))
+    # NOTE: autograd cannot train through it: every layer's saved input is a view of a buffer written later
+    graph.graph["inference_only"] = True
+    return infer(graph)
+
+
+def _block_output(graph: nx.DiGraph, n: Node) -> Node:
+    """The concat that ends `n`'s dense block: it reads the block input too."""
+    first = input_nodes(graph, n)[0]
+    for dst in graph.succ[first.scope]:
+        d = node(graph, dst)
+        if d.unit.kind is UnitKind.BLOCK_OUTPUT and d.unit.block == n.unit.block:
+            return d
+    raise DncError(f"{n.scope}: no block output reads {first.scope}")
+
+
+def channels_last(graph: nx.DiGraph) -> nx.DiGraph:
+    """Run in the channels_last memory format (NHWC): the input is converted once, inside forward."""
+    graph = graph.copy()
+    graph.graph["memory_format"] = "channels_last"
+    return graph
+
+
+PASSES: dict[str, PassInfo] = {
+    p.name: p
+    for p in (
+        PassInfo("pool_first", 1, frozenset({"torch", "onnx"}), pool_first.__doc__, pool_first),
+        PassInfo("fold_conv_bn", 2, frozenset({"torch", "onnx"}), fold_conv_bn.__doc__, fold_conv_bn),
+        PassInfo("fuse_bn_relu", 2, frozenset({"torch", "onnx"}), fuse_bn_relu.__doc__, fuse_bn_relu),
+        PassInfo("block_buffer", 2, frozenset({"torch"}), block_buffer.__doc__, block_buffer),
+        PassInfo("channels_last", 2, frozenset({"torch"}), channels_last.__doc__, channels_last),
+    )
+}
+
+
+def select(target: str, level: int, enable: Iterable[str] = (), disable: Iterable[str] = ()) -> list[NamedPass]:
+    """The passes `target` runs at -O`level`, plus `enable`, minus `disable`, in registry order."""
+    enable, disable = set(enable), set(disable)
+    unknown = sorted((enable | disable) - set(PASSES))
+    if unknown:
+        raise DncError(f"unknown pass '{unknown[0]}': expected one of {', '.join(PASSES)}")
+    if level not in LEVELS:
+        raise DncError(f"-O{level}: expected one of {', '.join(f'-O{v}' for v in LEVELS)}")
+    chosen = []
+    for p in PASSES.values():
+        wanted = (p.level <= level or p.name in enable) and p.name not in disable
+        if wanted and target not in p.targets:
+            if p.name in enable:
+                raise DncError(f"pass '{p.name}' is not for --target {target} (only {', '.join(sorted(p.targets))})")
+            continue
+        if wanted:
+            chosen.append((p.name, p.run))
+    return chosen
+
+
+def names(passes: Sequence[NamedPass]) -> list[str]:
+    return [name for name, _ in passes]

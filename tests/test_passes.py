@@ -1,0 +1,193 @@
+"""Optimisation passes and -O levels: each pass changes the IR and keeps the numbers.
+
+Every pass is checked alone against -O0 (the IR it changed, the MACs or nodes it
+saved, the outputs within 1e-5); every zoo spec at every level against -O0 at batch 1
+and 3 on a non-square input; the -O2 torch module keeps torchvision's state_dict,
+loads old checkpoints, refuses training, and runs under TorchScript and torch.export;
+the -O2 ONNX model folds its weights and has fewer nodes. Inputs are small.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from conftest import ALL_SPECS, TORCHVISION_SPECS, import_file, run_dnc, spec_path
+
+from dnc import emit_torch
+from dnc.emit_onnx import emit_onnx
+from dnc.errors import DncError
+from dnc.infer import state_dict_layout
+from dnc.ir import OpKind, ordered
+from dnc.ir_text import ir_text
+from dnc.passes import PASSES, select
+from dnc.pipeline import build
+from dnc.reference import to_torch
+from dnc.verify import load_generated
+from dnc.weights import seeded_state
+
+torch.set_num_threads(2)
+SMALL = ["input.size=[64,96]"]  # non-square, and small enough for every ImageNet spec
+SLOW = {"densenet161", "densenet201", "densenet264", "densenet_bc190_k40", "densenet_bc250_k24"}
+RTOL = 1e-5
+
+
+def overrides(name: str) -> list[str]:
+    return SMALL if name in TORCHVISION_SPECS else []
+
+
+def rel_err(a, b) -> float:
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+def torch_model(name: str, passes, state=None):
+    _, graph = build(spec_path(name), overrides(name), passes=passes)
+    model = load_generated(graph).DenseNet()
+    state = state if state is not None else to_torch(seeded_state(state_dict_layout(graph), seed=3))
+    model.load_state_dict(state, strict=True)
+    return model.eval(), graph, state
+
+
+def sample(graph, batch: int = 3) -> torch.Tensor:
+    shape = (batch, *ordered(graph)[0].shape)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(4))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """densenet121 at -O0 (64x96 input): model, graph, weights, input, output."""
+    model, graph, state = torch_model("densenet121", [])
+    x = sample(graph)
+    with torch.no_grad():
+        return model, graph, state, x, model(x)
+
+
+def _one(name: str):
+    return select("torch", 0, enable=[name])
+
+
+@pytest.mark.parametrize("name", list(PASSES))
+def test_each_pass_changes_the_ir_and_keeps_the_numbers(reference, name):
+    _, graph0, state, x, ref = reference
+    model, graph, _ = torch_model("densenet121", _one(name), state)
+    assert ir_text(graph) != ir_text(graph0)
+    with torch.no_grad():
+        assert rel_err(model(x), ref) <= RTOL
+    macs = sum(n.macs for n in ordered(graph)), sum(n.macs for n in ordered(graph0))
+    if name == "pool_first":  # a quarter of each transition conv's MACs
+        convs = [n for n in ordered(graph0) if n.op is OpKind.CONV and n.unit.kind.value == "transition"]
+        assert macs[1] - macs[0] == sum(n.macs * 3 // 4 for n in convs) > 0
+    elif name == "fold_conv_bn":  # norm0 and every norm2
+        assert len(graph0) - len(graph) == 1 + 58
+    elif name == "fuse_bn_relu":  # every BN with its ReLU after it: norm1s, transitions, norm5
+        assert len(graph0) - len(graph) == 58 + 58 + 3 + 1 + 1
+    elif name == "block_buffer":
+        assert not any(n.op is OpKind.CONCAT for n in ordered(graph))
+    elif name == "channels_last":
+        assert graph.graph["memory_format"] == "channels_last"
+
+
+def test_pool_first_keeps_training(reference):
+    """-O1 still trains: the same gradients as -O0 (eval-mode BN, so batch statistics amplify no rounding)."""
+    model0, _, state, x, _ = reference
+    model1, _, _ = torch_model("densenet121", select("torch", 1), state)
+    grads = []
+    for m in (model0, model1):
+        m.zero_grad()
+        m(x[:2]).square().sum().backward()
+        grads.append(m.features.transition1.conv.weight.grad)
+    assert rel_err(grads[1], grads[0]) <= 1e-4
+    model1.train()(x[:2]).sum().backward()  # and in train mode
+    model1.eval()
+
+
+def test_passes_are_per_target_and_named():
+    assert [n for n, _ in select("onnx", 2)] == ["pool_first", "fold_conv_bn", "fuse_bn_relu"]
+    assert [n for n, _ in select("torch", 2, disable=["channels_last"])][-1] == "block_buffer"
+    assert select("torch", 0) == []
+    with pytest.raises(DncError, match="unknown pass 'fold'"):
+        select("torch", 2, disable=["fold"])
+    with pytest.raises(DncError, match="not for --target onnx"):
+        select("onnx", 0, enable=["block_buffer"])
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(p.stem, marks=[pytest.mark.slow] if p.stem in SLOW else []) for p in ALL_SPECS]
+)
+@pytest.mark.parametrize("level", [1, 2])
+def test_every_spec_at_every_level_matches_O0(name, level):
+    model0, graph0, state = torch_model(name, [])
+    model, _, _ = torch_model(name, select("torch", level), state)
+    x = sample(graph0)
+    with torch.no_grad():
+        for batch in (x, x[:1]):
+            assert rel_err(model(batch), model0(batch)) <= RTOL
+
+
+def test_O2_module_keeps_checkpoints_and_refuses_training(reference, tmp_path):
+    model0, _, state, x, ref = reference
+    _, graph = build(spec_path("densenet121"), SMALL, passes=select("torch", 2))
+    (tmp_path / "o2.py").write_text(emit_torch.emit(graph))  # on disk: TorchScript reads the source
+    model = import_file(tmp_path / "o2.py").DenseNet()
+    model.load_state_dict(state, strict=True)
+    assert list(model.state_dict()) == list(model0.state_dict())  # torchvision's keys, nothing folded
+    old = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v for k, v in state.items()}
+    assert old != state
+    fresh, _, _ = torch_model("densenet121", select("torch", 2), old)  # old keys, strict=True, refolded
+    with torch.no_grad():
+        assert rel_err(fresh(x), ref) <= RTOL
+        assert rel_err(model(x.contiguous(memory_format=torch.channels_last)), ref) <= RTOL
+    with pytest.raises(RuntimeError, match="inference only"):
+        model.train()
+    with pytest.raises(RuntimeError, match="inference only"):
+        model(x.clone().requires_grad_())
+    assert rel_err(model(x).detach(), ref) <= RTOL  # grad mode on, nothing requires grad: fine
+    scripted = torch.jit.script(model)
+    exported = torch.export.export(model, (x,)).module()
+    with torch.no_grad():
+        assert rel_err(scripted(x), ref) <= RTOL
+        assert rel_err(exported(x), ref) <= RTOL
+
+
+def test_O0_relu_is_in_place_only_without_grad(reference):
+    model0, _, _, x, _ = reference
+    seen = []
+    handle = model0.features.denseblock1.denselayer1.relu2.register_full_backward_hook(
+        lambda m, gi, go: seen.append(go[0].shape)
+    )
+    try:
+        model0(x[:1]).sum().backward()  # eval mode with gradients (grad-CAM): hooks work
+    finally:
+        handle.remove()
+    assert seen
+
+
+def test_onnx_O2_folds_weights_and_matches(reference):
+    import onnxruntime as ort
+
+    _, graph0, state, x, ref = reference
+    _, graph = build(spec_path("densenet121"), SMALL, passes=select("onnx", 2))
+    numpy_state = {k: v.numpy() for k, v in state.items()}
+    m0, m2 = emit_onnx(graph0, numpy_state), emit_onnx(graph, numpy_state)
+    names = {i.name for i in m2.graph.initializer}
+    assert "features.conv0.folded_weight" in names and "features.norm0.weight" not in names
+    assert len(m2.graph.node) < len(m0.graph.node)
+    session = ort.InferenceSession(m2.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert rel_err(session.run(None, {"input": x.numpy()})[0], ref.numpy()) <= RTOL
+
+
+def test_cli_levels():
+    listed = run_dnc("passes")
+    assert listed.returncode == 0 and all(name in listed.stdout for name in PASSES)
+    o0 = run_dnc("summary", "specs/densenet121.yaml", "--format", "json")
+    o2 = run_dnc("summary", "-O2", "specs/densenet121.yaml", "--format", "json")
+    assert o0.returncode == o2.returncode == 0
+    assert '"macs": 2602950656' in o2.stdout and '"macs": 2834161664' in o0.stdout
+    ir = run_dnc("ir", "-O2", "--no-pass", "fuse_bn_relu", "specs/densenet40_k12.yaml")
+    assert "conv_bn" not in ir.stdout and "buffer_concat" in ir.stdout
+    bad = run_dnc("ir", "--pass", "nope", "specs/densenet40_k12.yaml")
+    assert bad.returncode == 2 and "unknown pass 'nope'" in bad.stderr
+    ok = run_dnc("verify", "-O2", "specs/densenet121.yaml", *[a for s in SMALL for a in ("--set", s)])
+    assert ok.returncode == 0 and "(-O2)" in ok.stdout and ": ok" in ok.stdout
