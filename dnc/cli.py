@@ -58,8 +58,20 @@ def error_line(err: DncError) -> str:
     return f"{err.location}: error: {err.message}" if err.location else f"dnc: error: {err.message}"
 
 
+MAX_ERRORS = 20  # lines of errors shown for one spec; then "… and N more"
+
+
+def error_lines(err: DncError) -> list[str]:
+    """One line per error (a spec can have several), at most MAX_ERRORS of them and a count of the rest."""
+    errors = getattr(err, "errors", None) or [err]
+    lines = [error_line(e) for e in errors[:MAX_ERRORS]]
+    if len(errors) > MAX_ERRORS:
+        lines.append(f"… and {len(errors) - MAX_ERRORS} more errors")
+    return lines
+
+
 def fail(err: DncError) -> None:
-    click.echo(error_line(err), err=True)
+    click.echo("\n".join(error_lines(err)), err=True)
     sys.exit(EXIT_ERROR)
 
 
@@ -83,7 +95,7 @@ def validate(specs, overrides):
         try:
             spec, _ = build(path, overrides)
         except DncError as err:
-            click.echo(error_line(err), err=True)
+            click.echo("\n".join(error_lines(err)), err=True)
             failed += 1
         else:
             click.echo(f"{path}: ok ({spec.name})")

@@ -45,3 +45,17 @@ class EmitError(DncError):
 
 class WeightsError(DncError):
     """A checkpoint file could not be read or does not fit the network."""
+
+
+class SpecErrors(SpecError):
+    """Several errors found in one spec: `errors` holds each, in file order.
+
+    Its own message and location are the first error's, so code that reports one
+    error still reports something true; the CLI prints every one (capped).
+    """
+
+    def __init__(self, errors: list[SpecError]):
+        if not errors:
+            raise ValueError("SpecErrors needs at least one error")
+        super().__init__(errors[0].message, errors[0].location)
+        self.errors = list(errors)
