@@ -106,20 +106,33 @@ def validate(specs, overrides):
 @spec_arg
 @set_option
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Also estimate the memory a float32 training step with this batch size takes (no torch needed).",
+)
 @report_errors
-def summary(spec, overrides, fmt):
+def summary(spec, overrides, fmt, batch):
     """Per-stage output shape, channels, parameters and MACs, with totals."""
+    from dnc.memory import training_memory
     from dnc.pipeline import build
     from dnc.summary import summarize
 
     _, graph = build(spec, overrides)
     result = summarize(graph)
+    memory = training_memory(graph, batch) if batch else None
     if fmt == "json":
-        click.echo(json.dumps(result.to_json(), indent=2))
+        data = result.to_json()
+        if memory:
+            data["training_memory"] = memory.to_json()
+        click.echo(json.dumps(data, indent=2))
         return
-    from dnc.render import summary_table
+    from dnc.render import memory_table, summary_table
 
     summary_table(result)
+    if memory:
+        memory_table(memory)
 
 
 @main.command()
