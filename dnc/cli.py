@@ -251,6 +251,10 @@ def verify(specs, overrides, weights, device, seed, batch, target):
     cannot express a spec, the ONNX model is compared with the generated PyTorch model,
     and the PyTorch model is checked against inference (output shape, parameter count).
     """
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise DncError("dnc verify runs the models: it needs torch (pip install -e '.[torch,onnxruntime]')") from None
     from dnc.outputs import display_path
     from dnc.targets import target as find_target
     from dnc.verify import check_device
