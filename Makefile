@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup zoo test generate check lint bench clean
+.PHONY: setup setup-gpu zoo test test-gpu generate check lint bench clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,19 @@ $(STAMP): pyproject.toml
 		(apt-get update -qq && apt-get install -y -qq graphviz >/dev/null) ; } || \
 		echo "note: Graphviz 'dot' is not installed; dnc graph --format svg|png will say so (apt-get install graphviz)"
 	touch $@
+
+# On a machine with an NVIDIA GPU: onnxruntime-gpu in place of onnxruntime (the two
+# cannot be installed together: both provide the onnxruntime module), then every
+# CUDA-marked test for both targets, each skip printed with its reason.
+ONNXRUNTIME_GPU ?= onnxruntime-gpu==1.32.0
+
+setup-gpu: setup
+	$(BIN)/python -m pip uninstall --quiet --yes onnxruntime
+	$(BIN)/python -m pip install --quiet '$(ONNXRUNTIME_GPU)'
+	$(BIN)/python -c "import onnxruntime as o; print('onnxruntime providers:', o.get_available_providers())"
+
+test-gpu: setup
+	$(BIN)/python -m pytest -m cuda -rs -v
 
 zoo: setup
 	$(BIN)/dnc validate specs/*.yaml

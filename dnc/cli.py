@@ -188,8 +188,20 @@ def error_line(err: DncError) -> str:
     return visible(line)
 
 
+MAX_ERRORS = 20  # lines of errors shown for one spec; then "… and N more"
+
+
+def error_lines(err: DncError) -> list[str]:
+    """One line per error (a spec can have several), at most MAX_ERRORS of them and a count of the rest."""
+    errors = getattr(err, "errors", None) or [err]
+    lines = [error_line(e) for e in errors[:MAX_ERRORS]]
+    if len(errors) > MAX_ERRORS:
+        lines.append(f"… and {len(errors) - MAX_ERRORS} more errors")
+    return lines
+
+
 def fail(err: DncError) -> None:
-    click.echo(error_line(err), err=True)
+    click.echo("\n".join(error_lines(err)), err=True)
     sys.exit(EXIT_ERROR)
 
 
@@ -214,7 +226,7 @@ def validate(specs, overrides, policy):
         try:
             spec, _ = build(path, overrides, **policy)
         except DncError as err:
-            click.echo(error_line(err), err=True)
+            click.echo("\n".join(error_lines(err)), err=True)
             failed += 1
         else:
             say(f"{path}: ok ({spec.name})")
@@ -226,23 +238,38 @@ def validate(specs, overrides, policy):
 @set_option
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--target", default="torch", show_default=True, help="The target whose passes run (MACs after them).")
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Also estimate the memory a float32 training step with this batch size takes (no torch needed).",
+)
 @pass_options
 @build_options
 @report_errors
-def summary(spec, overrides, fmt, target, opt_level, pass_, no_pass, policy):
+def summary(spec, overrides, fmt, target, batch, opt_level, pass_, no_pass, policy):
     """Per-stage output shape, channels, parameters and MACs, with totals."""
+    from dnc.memory import training_memory
     from dnc.summary import summarize
     from dnc.targets import target as find_target
 
     t = find_target(target)
     _, graph = build(spec, overrides, passes=_passes(t, _pass_settings(t, opt_level, pass_, no_pass)), **policy)
     result = summarize(graph)
+    if batch and graph.graph.get("inference_only"):
+        raise DncError("--batch estimates training memory: choose -O0 or -O1 (what -O2 emits does not train)")
+    memory = training_memory(graph, batch) if batch else None
     if fmt == "json":
-        click.echo(json.dumps(result.to_json(), indent=2))
+        data = result.to_json()
+        if memory:
+            data["training_memory"] = memory.to_json()
+        click.echo(json.dumps(data, indent=2))
         return
-    from dnc.render import summary_table
+    from dnc.render import memory_table, summary_table
 
     summary_table(result)
+    if memory:
+        memory_table(memory)
 
 
 @main.command()
@@ -365,6 +392,10 @@ def verify(specs, overrides, weights, device, seed, batch, target, opt_level, pa
     cannot express a spec, the ONNX model is compared with the generated PyTorch model,
     and the PyTorch model is checked against inference (output shape, parameter count).
     """
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise DncError("dnc verify runs the models: it needs torch (pip install -e '.[torch,onnxruntime]')") from None
     from dnc.outputs import display_path
     from dnc.targets import target as find_target
     from dnc.verify import check_device

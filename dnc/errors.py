@@ -57,3 +57,17 @@ class LimitError(SpecError):
 
 class DncWarning(_Located, UserWarning):
     """Something worth one line on stderr that is not an error (a reused YAML anchor, a converted dtype)."""
+
+
+class SpecErrors(SpecError):
+    """Several errors found in one spec: `errors` holds each, in file order.
+
+    Its own message and location are the first error's, so code that reports one
+    error still reports something true; the CLI prints every one (capped).
+    """
+
+    def __init__(self, errors: list[SpecError]):
+        if not errors:
+            raise ValueError("SpecErrors needs at least one error")
+        super().__init__(errors[0].message, errors[0].location)
+        self.errors = list(errors)

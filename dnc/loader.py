@@ -30,7 +30,7 @@ from ruamel.yaml import YAML, events
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
-from dnc.errors import DncWarning, Location, SpecError
+from dnc.errors import DncWarning, Location, SpecError, SpecErrors
 from dnc.files import read_bounded, size_text
 from dnc.spec import Path, RuleError, Spec
 
@@ -146,7 +146,7 @@ class _NotASpec(Exception):
 
 
 def validate(doc: Document, path: FsPath) -> Spec:
-    """Validate merged plain data as a Spec; the first error becomes a SpecError."""
+    """Validate merged plain data as a Spec; its errors become a SpecError (SpecErrors if several)."""
     data = dict(doc.data)
     if "name" not in data:
         data["name"] = path.stem  # the default name is the file's
@@ -486,17 +486,53 @@ def _apply_override(doc: Document, text: str) -> None:
 
 
 def _spec_error(err: ValidationError, doc: Document, path: FsPath) -> SpecError:
+    """Every pydantic error as a SpecError, in file order; one error alone, several as SpecErrors."""
     errors = err.errors(include_url=False)
-    # an unknown key usually explains the rest (a misspelt required field is also "missing")
-    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    # a misspelt key is reported once: "unknown key 'growth_rat'; did you mean 'growth_rate'?"
+    # explains the "missing required field 'growth_rate'" that comes with it
+    explained = {(tuple(e["loc"][:-1]), _suggestion(e)) for e in errors if e["type"] == "extra_forbidden"}
+    found: list[SpecError] = []
+    for e in errors:
+        if e["type"] == "missing" and (tuple(e["loc"][:-1]), e["loc"][-1]) in explained:
+            continue
+        one = _one_error(e, doc, path)
+        if all(str(one) != str(seen) for seen in found):
+            found.append(one)
+    found.sort(key=_position_key(found))
+    return found[0] if len(found) == 1 else SpecErrors(found)
+
+
+def _position_key(found: list[SpecError]):
+    """Sort by file (in order of first appearance), then line and column; positionless errors first."""
+    sources: dict[str, int] = {}
+    for e in found:
+        if e.location is not None:
+            sources.setdefault(e.location.source, len(sources))
+
+    def key(e: SpecError) -> tuple:
+        loc = e.location
+        if loc is None or loc.line is None:
+            return (0, sources.get(loc.source, -1) if loc else -1, 0, 0)
+        return (1, sources[loc.source], loc.line, loc.col or 0)
+
+    return key
+
+
+def _suggestion(e: dict) -> str | None:
+    """The field a misspelt key most likely meant, or None."""
+    loc = tuple(e["loc"])
+    close = difflib.get_close_matches(str(loc[-1]), sorted(_fields_at(Spec, loc[:-1])), n=1)
+    return close[0] if close else None
+
+
+def _one_error(first: dict, doc: Document, path: FsPath) -> SpecError:
+    """One pydantic error as a SpecError at the position of the key or value it is about."""
     loc: Path = tuple(first["loc"])
     kind = first["type"]
     rule = (first.get("ctx") or {}).get("error")
     if isinstance(rule, RuleError):
         loc = loc + rule.path
     dotted = _dotted(loc)
-    more = len(errors) - 1
-    suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
 
     if kind == "extra_forbidden":
         parent, key = loc[:-1], loc[-1]
@@ -504,15 +540,11 @@ def _spec_error(err: ValidationError, doc: Document, path: FsPath) -> SpecError:
         close = difflib.get_close_matches(str(key), known, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; expected one of: {', '.join(known)}"
         where = f" in '{_dotted(parent)}'" if parent else ""
-        return SpecError(
-            f"unknown key {_show(key)}{where}{hint}{suffix}", _nearest(doc.keys, loc) or _nearest(doc.values, loc)
-        )
+        return SpecError(f"unknown key {_show(key)}{where}{hint}", _nearest(doc.keys, loc) or _nearest(doc.values, loc))
     if kind == "missing":
         if loc == ("version",):
-            return SpecError(
-                f"missing required field 'version' (expected version: 1){suffix}", _nearest(doc.values, loc)
-            )
-        return SpecError(f"missing required field '{dotted}'{suffix}", _nearest(doc.values, loc))
+            return SpecError("missing required field 'version' (expected version: 1)", _nearest(doc.values, loc))
+        return SpecError(f"missing required field '{dotted}'", _nearest(doc.values, loc))
 
     message = first["msg"]
     if kind == "model_type":  # pydantic says "a valid dictionary or instance of Stem"
@@ -536,7 +568,7 @@ def _spec_error(err: ValidationError, doc: Document, path: FsPath) -> SpecError:
     where = _nearest(doc.values, loc)
     if loc == ("name",) and ("name",) not in doc.values:
         message += " (the name defaults to the file name; set name: explicitly)"
-    return SpecError(f"{dotted}: {message}{got}{hint}{suffix}", where or Location(str(path), 1, 1))
+    return SpecError(f"{dotted}: {message}{got}{hint}", where or Location(str(path), 1, 1))
 
 
 def _nearest(table: dict[Path, Location], loc: Path) -> Location | None:

@@ -18,6 +18,7 @@ from dnc.diff_report import (
     stage_cells,
     totals,
 )
+from dnc.memory import OPTIMIZERS, TrainingMemory
 from dnc.summary import Summary
 from dnc.text import visible
 
@@ -63,6 +64,42 @@ def summary_table(s: Summary, console: Console | None = None) -> None:
     console.print(f"{s.params:,} parameters ({fmt_count(s.params)}), {s.macs:,} MACs ({fmt_count(s.macs)})")
     for note in s.notes:
         console.print(f"note: {safe(note)}", style="yellow")
+
+
+def fmt_bytes(n: int) -> str:
+    """Bytes in binary units, three significant digits: 1.23 GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"
+
+
+def memory_table(m: TrainingMemory, console: Console | None = None) -> None:
+    """`dnc summary --batch N`: the estimated memory of a float32 training step, per stage and in total."""
+    if console is None:
+        console = Console(highlight=False)
+        if not console.is_terminal:
+            console.width = 120
+    table = Table(title=f"training memory, batch {m.batch}, float32 (estimate)", title_justify="left")
+    for col in ("stage", "activations", "memory_efficient", "weights"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for s in m.stages:
+        table.add_row(
+            s.stage, fmt_bytes(s.activations), fmt_bytes(s.activations_memory_efficient), fmt_bytes(s.weights)
+        )
+    table.add_section()
+    table.add_row(
+        "total", fmt_bytes(m.activations), fmt_bytes(m.activations_memory_efficient), fmt_bytes(m.weights), style="bold"
+    )
+    console.print(table)
+    console.print(f"gradients: {fmt_bytes(m.gradients)}")
+    for key, (name, _) in OPTIMIZERS.items():
+        console.print(f"optimizer state, {name}: {fmt_bytes(m.optimizer_state[key])}")
+    for key, (name, _) in OPTIMIZERS.items():
+        console.print(
+            f"total with {name}: {fmt_bytes(m.total(key, False))}, "
+            f"{fmt_bytes(m.total(key, True))} with memory_efficient"
+        )
 
 
 def diff_text(d: Diff, console: Console | None = None) -> None:

@@ -1,0 +1,153 @@
+"""Training memory of an inferred IR, estimated statically (no torch): what `dnc summary --batch N` shows.
+
+A training step keeps, until backward has used them, the tensors each op's backward
+needs, as PyTorch's autograd saves them for these ops:
+
+- conv, batchnorm (train mode), avgpool, global_avgpool, linear: their input;
+- relu: its output (ReLUs do not run in place in generated code);
+- maxpool: its input and int64 indices the size of its output;
+- dropout (drop rate > 0): a one-byte mask the size of its output;
+- concat and flatten: nothing (flatten's output is a view).
+
+A tensor several ops save is counted once. With `memory_efficient`, each dense layer with a
+bottleneck recomputes its concat, norm1, relu1 and conv1 in backward (torch.utils.checkpoint):
+those save nothing, and the checkpoint keeps only its inputs (tensors the block keeps anyway).
+Recomputation briefly rebuilds one layer's concatenation in backward; that, the gradients of
+activations in flight, BN's per-channel statistics and the allocator's slack are not counted.
+The network input is not counted either: it exists whether or not you train.
+
+Everything is float32; a parameter's gradient is its size again; the optimizer state is one
+buffer per parameter for SGD with momentum and two for AdamW (exp_avg, exp_avg_sq).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import networkx as nx
+
+from dnc.ir import Node, OpKind, UnitKind, input_nodes, ordered
+
+FLOAT = 4  # bytes of a float32
+INDEX = 8  # bytes of an int64 max-pool index
+MASK = 1  # bytes of a bool dropout mask
+
+SAVES_INPUT = {OpKind.CONV, OpKind.BATCHNORM, OpKind.AVGPOOL, OpKind.MAXPOOL, OpKind.GLOBAL_AVGPOOL, OpKind.LINEAR}
+OPTIMIZERS = {"sgd_momentum": ("SGD with momentum", 1), "adamw": ("AdamW", 2)}
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    stage: str
+    activations: int  # bytes kept for backward
+    activations_memory_efficient: int  # the same with memory_efficient recomputation
+    weights: int  # parameters and buffers
+
+
+@dataclass(frozen=True)
+class TrainingMemory:
+    batch: int
+    stages: list[StageMemory]
+    activations: int
+    activations_memory_efficient: int
+    weights: int  # parameters and float32 buffers (BN running statistics)
+    gradients: int
+    optimizer_state: dict[str, int]  # optimizer name -> bytes
+
+    def total(self, optimizer: str, memory_efficient: bool) -> int:
+        acts = self.activations_memory_efficient if memory_efficient else self.activations
+        return acts + self.weights + self.gradients + self.optimizer_state[optimizer]
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["optimizers"] = {key: name for key, (name, _) in OPTIMIZERS.items()}
+        data["totals"] = {
+            f"{opt}{'_memory_efficient' if me else ''}": self.total(opt, me)
+            for opt in OPTIMIZERS
+            for me in (False, True)
+        }
+        return data
+
+
+def training_memory(graph: nx.DiGraph, batch: int) -> TrainingMemory:
+    """Bytes a float32 training step with `batch` samples keeps, per stage and in total."""
+    plain = _saved(graph, recompute=set())
+    efficient = _saved(graph, recompute=_recomputed(graph))
+    rows: dict[str, list[int]] = {}
+    params = 0
+    for n in ordered(graph):
+        if n.unit.kind is UnitKind.INPUT:
+            continue
+        row = rows.setdefault(n.stage, [0, 0, 0])
+        row[0] += plain.get(n.scope, 0) * batch
+        row[1] += efficient.get(n.scope, 0) * batch
+        row[2] += sum(t.numel * (INDEX if t.integer else FLOAT) for t in n.tensors)
+        params += n.params
+    stages = [StageMemory(stage, *row) for stage, row in rows.items()]
+    return TrainingMemory(
+        batch=batch,
+        stages=stages,
+        activations=sum(s.activations for s in stages),
+        activations_memory_efficient=sum(s.activations_memory_efficient for s in stages),
+        weights=sum(s.weights for s in stages),
+        gradients=params * FLOAT,
+        optimizer_state={key: params * FLOAT * buffers for key, (_, buffers) in OPTIMIZERS.items()},
+    )
+
+
+def _recomputed(graph: nx.DiGraph) -> set[str]:
+    """The nodes memory_efficient recomputes: in each dense layer with a bottleneck, up to its first conv."""
+    out: set[str] = set()
+    layers: dict = {}
+    for n in ordered(graph):
+        if n.unit.kind is UnitKind.DENSE_LAYER:
+            layers.setdefault(n.unit, []).append(n)
+    for members in layers.values():
+        convs = [i for i, n in enumerate(members) if n.op is OpKind.CONV]
+        if len(convs) == 2:  # bottleneck: conv1 (1x1) then conv2 (3x3)
+            out.update(n.scope for n in members[: convs[0] + 1])
+    return out
+
+
+def _saved(graph: nx.DiGraph, recompute: set[str]) -> dict[str, int]:
+    """Bytes per sample each node's saved tensors take, charged to the first node that saves them."""
+    owner: dict[str, str] = {}  # tensor (its producer's scope) -> the node charged for it
+    size: dict[str, int] = {}
+
+    def keep(tensor: Node, by: Node, nbytes: int, key: str | None = None) -> None:
+        key = key or tensor.scope
+        if key not in owner and tensor.op is not OpKind.INPUT:
+            owner[key] = by.scope
+            size[key] = nbytes
+
+    for n in ordered(graph):
+        sources = input_nodes(graph, n)
+        if n.scope in recompute:
+            for src in sources:  # the checkpoint keeps its inputs: the tensors from outside it
+                if src.scope not in recompute:
+                    keep(_storage(graph, src), n, _numel(src) * FLOAT)
+            continue
+        if n.op in SAVES_INPUT:
+            keep(_storage(graph, sources[0]), n, _numel(sources[0]) * FLOAT)
+        if n.op is OpKind.MAXPOOL:
+            keep(n, n, _numel(n) * INDEX, key=f"{n.scope}#indices")
+        if n.op is OpKind.RELU:
+            keep(n, n, _numel(n) * FLOAT)
+        if n.op is OpKind.DROPOUT and n.attrs.rate > 0:
+            keep(n, n, _numel(n) * MASK, key=f"{n.scope}#mask")
+    out: dict[str, int] = {}
+    for key, scope in owner.items():
+        out[scope] = out.get(scope, 0) + size[key]
+    return out
+
+
+def _storage(graph: nx.DiGraph, n: Node) -> Node:
+    """The node whose memory `n`'s output is: flatten is a view of its input."""
+    while n.op is OpKind.FLATTEN:
+        n = input_nodes(graph, n)[0]
+    return n
+
+
+def _numel(n: Node) -> int:
+    return math.prod(n.shape)
