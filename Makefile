@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml
 # On a machine with an NVIDIA GPU: onnxruntime-gpu in place of onnxruntime (the two
 # cannot be installed together: both provide the onnxruntime module), then every
 # CUDA-marked test for both targets, each skip printed with its reason.
-ONNXRUNTIME_GPU ?= onnxruntime-gpu==1.32.0
+# NOTE: 1.31.1 is the newest onnxruntime-gpu on PyPI (1.32.0, the CPU pin, has no GPU build).
+ONNXRUNTIME_GPU ?= onnxruntime-gpu==1.31.1
 
 setup-gpu: setup
 	$(BIN)/python -m pip uninstall --quiet --yes onnxruntime

@@ -492,11 +492,13 @@ def _spec_error(err: ValidationError, doc: Document, path: FsPath) -> SpecError:
     # explains the "missing required field 'growth_rate'" that comes with it
     explained = {(tuple(e["loc"][:-1]), _suggestion(e)) for e in errors if e["type"] == "extra_forbidden"}
     found: list[SpecError] = []
+    seen: set[str] = set()
     for e in errors:
         if e["type"] == "missing" and (tuple(e["loc"][:-1]), e["loc"][-1]) in explained:
             continue
         one = _one_error(e, doc, path)
-        if all(str(one) != str(seen) for seen in found):
+        if str(one) not in seen:
+            seen.add(str(one))
             found.append(one)
     found.sort(key=_position_key(found))
     return found[0] if len(found) == 1 else SpecErrors(found)

@@ -157,7 +157,7 @@ def test_a_closed_output_pipe_exits_quietly():
 @pytest.mark.parametrize("name", EVIL_NAMES)
 def test_error_lines_show_hostile_file_names_visibly(name, tmp_path, capsys, monkeypatch):
     path = tmp_path / f"{name.replace('/', '_')}.yaml"  # a file name cannot hold a slash
-    path.write_text(SMALL + "bogus: 1\n")
+    path.write_text(SMALL + "name: net\nbogus: 1\n")  # one error: the name is not the file's
     code, _, err = dnc(capsys, monkeypatch, "validate", path)
     assert_one_line_refusal(code, err)
     assert "unknown key 'bogus'" in err
