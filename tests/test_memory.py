@@ -27,7 +27,10 @@ blocks: [6, 6, 6]
 head: {classes: 10}
 """
 BATCH = 64
-CPU_TOLERANCE = 0.05  # |measured - estimate| / estimate, activations + gradients, memory_efficient off
+SAVED_TOLERANCE = 0.05  # |kept - estimate| / estimate: the bytes autograd keeps for backward, counted exactly
+# Peak RSS follows the allocator as well as the tensors: about +2% in a quiet process, but
+# +39% was seen once in a loaded full-suite run, so RSS is a sanity bound, not the precise check.
+RSS_TOLERANCE = 0.5
 
 MEASURE = """\
 import importlib.util, json, resource, sys
@@ -54,13 +57,26 @@ if device == "cuda":
     base = torch.cuda.memory_allocated()
 else:
     base = rss()
-model(x).square().mean().backward()
+kept = {}
+
+
+def pack(t):
+    storage = t.untyped_storage()
+    kept.setdefault(storage.data_ptr(), storage.nbytes())
+    return t
+
+
+params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    loss = model(x).square().mean()
+saved = sum(n for ptr, n in kept.items() if ptr not in params)
+loss.backward()
 if device == "cuda":
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
 else:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"growth": peak - base}))
+print(json.dumps({"growth": peak - base, "saved": saved}))
 """
 
 
@@ -75,7 +91,7 @@ def memnet(tmp_path_factory):
     return tmp, training_memory(graph, BATCH)
 
 
-def measure(tmp, memory_efficient: bool, device: str) -> int:
+def measure(tmp, memory_efficient: bool, device: str, what: str = "growth") -> int:
     env = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "PATH": "/usr/bin:/bin"}
     out = subprocess.run(
         [sys.executable, tmp / "measure.py", tmp / "memnet.py", str(BATCH), str(int(memory_efficient)), device],
@@ -85,7 +101,15 @@ def measure(tmp, memory_efficient: bool, device: str) -> int:
         timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)["growth"]
+    return json.loads(out.stdout)[what]
+
+
+def test_estimate_matches_what_autograd_keeps(memnet):
+    tmp, estimate = memnet
+    kept = measure(tmp, memory_efficient=False, device="cpu", what="saved")
+    error = (kept - estimate.activations) / estimate.activations
+    print(f"estimate {estimate.activations / 2**20:.1f} MiB, kept {kept / 2**20:.1f} MiB, error {error:+.1%}")
+    assert abs(error) <= SAVED_TOLERANCE
 
 
 def test_estimate_matches_peak_rss_of_a_training_step(memnet):
@@ -94,7 +118,7 @@ def test_estimate_matches_peak_rss_of_a_training_step(memnet):
     measured = measure(tmp, memory_efficient=False, device="cpu")
     error = (measured - expected) / expected
     print(f"estimate {expected / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB, error {error:+.1%}")
-    assert abs(error) <= CPU_TOLERANCE
+    assert abs(error) <= RSS_TOLERANCE
 
 
 def test_memory_efficient_keeps_less(memnet):
