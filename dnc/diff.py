@@ -21,6 +21,7 @@ from typing import Any
 import networkx as nx
 
 from dnc.errors import DncError
+from dnc.infer import state_dict_shapes
 from dnc.ir import Node, inputs, ordered
 from dnc.loader import resolved_data
 from dnc.pipeline import build
@@ -124,7 +125,7 @@ OPTIONS = ("memory_efficient",)  # graph attributes that change how code runs, n
 
 def _side(source: str, spec, graph: nx.DiGraph) -> Side:
     owners = {n.key(t): (n, t.name) for n in ordered(graph) for t in n.tensors}
-    state = {n.key(t): t.shape for n in ordered(graph) for t in n.tensors}
+    state = state_dict_shapes(graph)
     options = {k: graph.graph.get(k) for k in OPTIONS}
     return Side(source, resolved_data(spec), summarize(graph), state, owners, network(graph), options)
 

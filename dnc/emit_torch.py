@@ -402,15 +402,12 @@ def view(graph: nx.DiGraph, options: dict) -> dict:
     block: dict | None = None
     head_modules: list[str] = []
     source_node = None
-    stem_open = False
     for unit, members in units(graph).items():
         kind = unit.kind
         if kind is UnitKind.INPUT:
             (source_node,) = members
-        elif kind is UnitKind.STEM:
-            if not stem_open:
-                init.comment("stem")
-                stem_open = True
+        elif kind is UnitKind.STEM:  # one unit: units() groups all of the stem's nodes
+            init.comment("stem")
             previous = source_node
             for n in _chain(graph, members, source_node.scope):
                 count += _feature(init, graph, n, previous)
@@ -489,7 +486,7 @@ def view(graph: nx.DiGraph, options: dict) -> dict:
 
 
 def _feature(init: Code, graph: nx.DiGraph, n: Node, previous: Node) -> int:
-    """One module in `features`, with a shape comment where the shape changes; returns 1."""
+    """The modules of one op in `features`, a shape comment where the shape changes; returns how many."""
     if n.op not in _MODULE_OPS or len(n.path) != 2 or n.path[0] != "features":
         raise EmitError(f"torch target: {n.scope}: a {n.op.value} cannot be a module of `features` here")
     changed = previous is None or n.shape != previous.shape

@@ -24,6 +24,14 @@ _KINDS = {
 }
 
 
+def work_tree(folder: Path) -> Path | None:
+    """The git work tree enclosing `folder` (the nearest one with a `.git`), or None outside git."""
+    for candidate in (folder, *folder.parents):
+        if os.path.lexists(candidate / ".git"):
+            return candidate
+    return None
+
+
 def kind(mode: int) -> str:
     """'a directory', 'a FIFO (named pipe)', ... for an `st_mode`; 'a regular file' for one."""
     return "a regular file" if stat.S_ISREG(mode) else _KINDS.get(stat.S_IFMT(mode), "not a regular file")

@@ -31,7 +31,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from dnc.errors import DncWarning, Location, SpecError, SpecErrors
-from dnc.files import read_bounded, size_text
+from dnc.files import read_bounded, size_text, work_tree
 from dnc.spec import Path, RuleError, Spec
 
 MAX_EXTENDS_DEPTH = 16
@@ -77,10 +77,7 @@ def spec_root(path: str | FsPath) -> FsPath:
     checkout can be parents, never `/etc/passwd` or a file in the user's home.
     """
     here = FsPath(os.path.realpath(FsPath(path).parent if str(path) else "."))
-    for folder in (here, *here.parents):
-        if os.path.lexists(folder / ".git"):
-            return folder
-    return here
+    return work_tree(here) or here
 
 
 def load_document(path: FsPath, _chain: tuple[FsPath, ...] = (), roots: Sequence[FsPath] = ()) -> Document:

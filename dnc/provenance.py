@@ -18,6 +18,7 @@ from pathlib import Path
 
 import networkx as nx
 
+from dnc.files import work_tree
 from dnc.text import comment_safe
 
 RECORD_PREFIX = "# dnc-record: "
@@ -29,9 +30,9 @@ RECORD_SCAN = 4096  # the record sits in the header: never read a file further t
 def spec_reference(path: str | Path) -> str:
     """The spec path relative to the enclosing git work tree, else relative to the working directory."""
     absolute = Path(os.path.abspath(path))
-    for parent in absolute.parents:
-        if (parent / ".git").exists():
-            return absolute.relative_to(parent).as_posix()
+    root = work_tree(absolute.parent)
+    if root is not None:
+        return absolute.relative_to(root).as_posix()
     relative = os.path.relpath(absolute)
     return Path(relative).as_posix() if not relative.startswith("..") else absolute.as_posix()
 
