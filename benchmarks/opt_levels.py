@@ -112,13 +112,35 @@ print(json.dumps({"peak_mib": (peak - before) / 1024}))
 
 
 def memory(args, name: str) -> float:
+    """The median peak RSS growth of `--memory-runs` fresh processes (the allocator's reuse varies run to run)."""
     cmd = [sys.executable, "-c", MEMORY_CHILD, str(ROOT), args.spec, name, str(args.batch), str(args.threads)]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"]
+    peaks = []
+    for _ in range(args.memory_runs):
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+        peaks.append(json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"])
+    return statistics.median(peaks)
+
+
+# torch.profiler op names -> what they are; the rest (dispatch, views, allocation) is "other"
+CATEGORIES = {
+    "convolutions": ("convolution", "conv2d", "addmm", "mm"),
+    "batch norm + ReLU": ("batch_norm", "addcmul", "clamp_min", "relu", "mul", "add"),
+    "copies and concatenation": ("cat", "copy_", "contiguous", "clone"),
+    "pooling": ("pool",),
+}
+
+
+def category(op: str) -> str:
+    name = op.removeprefix("aten::")
+    for what, words in CATEGORIES.items():
+        if any(w in name for w in words):
+            return what
+    return "other"
 
 
 def profile(args) -> None:
+    """Self CPU time by category (convolutions, batch norm + ReLU, copies, pooling) for each model."""
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -127,16 +149,26 @@ def profile(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    found, graph = models(args.spec, ["O2", "torchvision"])
+    found, graph = models(args.spec, args.models)
     x = torch.randn(args.batch, *graph_input(graph).shape)
+    rows = {}
     for name, model in found.items():
+        xx = x.contiguous(memory_format=torch.channels_last) if name == "torchvision_cl" else x
         with torch.no_grad():
-            model(x)
+            model(xx)
             with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-                for _ in range(3):
-                    model(x)
-        print(f"== {name}")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+                for _ in range(args.runs):
+                    model(xx)
+        totals = dict.fromkeys([*CATEGORIES, "other"], 0.0)
+        for event in prof.key_averages():
+            totals[category(event.key)] += event.self_cpu_time_total / 1e3 / args.runs
+        rows[name] = totals
+    print(f"{args.spec}, batch {args.batch}, ms per call (self CPU time, torch.profiler, mean of {args.runs})")
+    print("| | " + " | ".join(rows) + " |")
+    print("| --- |" + " ---: |" * len(rows))
+    for what in [*CATEGORIES, "other"]:
+        print(f"| {what} | " + " | ".join(f"{r[what]:.1f}" for r in rows.values()) + " |")
+    print("| total | " + " | ".join(f"{sum(r.values()):.1f}" for r in rows.values()) + " |")
 
 
 def compiled(args) -> None:
@@ -170,6 +202,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--models", nargs="+", default=["torchvision", "torchvision_cl", "O0", "O1", "O2"])
     parser.add_argument("--memory", action="store_true", help="also peak RSS growth, fresh process per model")
+    parser.add_argument("--memory-runs", type=int, default=3, help="fresh processes per model (median)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
@@ -183,10 +216,13 @@ def main() -> None:
     threads = args.threads or torch.get_num_threads()
     print(f"{args.spec}, batch {args.batch}, {threads} threads, torch {torch.__version__}, best of {args.rounds}")
     base, base_cl = best["torchvision"], best.get("torchvision_cl", best["torchvision"])
+    base_peak = 0.0  # torchvision's, measured first
     for name, t in best.items():
         line = f"{name:<16} {t * 1000:9.1f} ms  tv/this {base / t:5.2f}x  tv_cl/this {base_cl / t:5.2f}x"
         if args.memory:
-            line += f"  peak {memory(args, name):7.0f} MiB"
+            peak = memory(args, name)
+            base_peak = base_peak if name != "torchvision" else peak
+            line += f"  peak RSS growth {peak:7.0f} MiB ({peak / base_peak:.2f}x torchvision's)"
         print(line)
 
 

@@ -56,7 +56,7 @@ LINE_LENGTH = 120  # the project's ruff line-length: generated files must pass `
 # Names the generated module defines or imports: a network may not be called one of these.
 _TAKEN = {"re", "torch", "nn", "F", "Tensor", "OrderedDict", "DenseNet", "DenseBlock", "DenseLayer"}
 _TAKEN |= {"PlainDenseLayer", "Transition", "upgrade_state_dict", "any_requires_grad", "build", "checkpoint"}
-_TAKEN |= {"ReLU", "BNReLU", "FoldedConv2d", "FoldedBatchNorm2d", "BufferedDenseBlock"}
+_TAKEN |= {"ReLU", "BNReLU", "FoldedConv2d", "FoldedBatchNorm2d", "BufferedDenseBlock", "TILE_BYTES"}
 _MODULE_OPS = {
     OpKind.CONV,
     OpKind.BATCHNORM,
@@ -302,8 +302,10 @@ class Classes:
         return name
 
 
-def _class_view(cls: UnitClass) -> dict:
-    """The text of one unit class: constructor body, optional bottleneck, forward body."""
+def _class_view(cls: UnitClass, tiled: bool = False) -> dict:
+    """The text of one unit class: constructor body, optional bottleneck, forward body.
+
+    `tiled`: a transition runs its chain on batch tiles (pass batch_tile)."""
     init = Code(8)
     channels = "in_channels"
     for s in cls.steps:
@@ -316,6 +318,8 @@ def _class_view(cls: UnitClass) -> dict:
         init.add("self.drop_rate = drop_rate")
     if cls.checkpointed:
         init.add("self.memory_efficient = False  # set by DenseNet")
+    if tiled and cls.kind is UnitKind.TRANSITION:
+        init.add("self.tile_bytes = 0  # set by DenseNet")
 
     def step_lines(code: Code, indices: range) -> None:
         for i in indices:
@@ -347,6 +351,7 @@ def _class_view(cls: UnitClass) -> dict:
         "bottleneck": bottleneck.text() if cls.checkpointed else "",
         "input": "features: list[Tensor]" if dense and not cls.buffered else "x: Tensor",
         "forward": forward.text(),
+        "tiled": tiled and cls.kind is UnitKind.TRANSITION,
     }
 
 
@@ -457,7 +462,11 @@ def view(graph: nx.DiGraph, options: dict) -> dict:
     used = {n.op for n in nodes}
     channels_last = graph.graph.get("memory_format") == "channels_last"
     features_node = next(n for n in reversed(nodes) if n.path[0] == "features")
-    class_views = [_class_view(c) for c in classes.all]
+    tile_bytes = graph.graph.get("batch_tile_bytes", 0)
+    class_views = [_class_view(c, tile_bytes > 0) for c in classes.all]
+    # pass batch_tile: buffered dense blocks and transitions run on batch tiles
+    tiled = ["BufferedDenseBlock"] * (OpKind.BUFFER_CONCAT in used) + [c["name"] for c in class_views if c["tiled"]]
+    tile_bytes = tile_bytes if tiled else 0
     return {
         "name": name,
         "header": header_lines(graph, TEMPLATE, options),
@@ -469,7 +478,7 @@ def view(graph: nx.DiGraph, options: dict) -> dict:
         "memory_efficient": repr(bool(graph.graph.get("memory_efficient", False))),
         "classes": class_views,
         "uses_dropout": any(c.drop_slots for c in classes.all),
-        "checkpointed": f"({', '.join(checkpointed)},)" if len(checkpointed) > 1 else "".join(checkpointed),
+        "checkpointed": _tuple(checkpointed),
         "init": init.text(),
         "head": head.text(),
         "positions": ", ".join(map(str, positions)),
@@ -482,6 +491,9 @@ def view(graph: nx.DiGraph, options: dict) -> dict:
         "plain_block": OpKind.CONCAT in used or not positions,
         "memory_format": "torch.channels_last" if channels_last else "torch.contiguous_format",
         "channels_last": channels_last,
+        "tile_bytes": _int(tile_bytes) if tile_bytes else "",
+        "tile_words": _bytes_words(tile_bytes),
+        "tiled": _tuple(tiled),
     }
 
 
@@ -614,6 +626,18 @@ def _rate(v) -> str:
     if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or not 0 <= v < 1:
         raise EmitError(f"torch target: expected a rate in [0, 1), got {v!r}")
     return repr(float(v))
+
+
+def _tuple(names: list[str]) -> str:
+    """An isinstance() argument: one class name, or a tuple of them."""
+    return f"({', '.join(names)})" if len(names) > 1 else "".join(names)
+
+
+def _bytes_words(size: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift and size % (1 << shift) == 0:
+            return f"{size >> shift} {unit}"
+    return f"{size} bytes"
 
 
 def _shape(n: Node) -> str:

@@ -22,6 +22,8 @@ def ir_text(graph: nx.DiGraph) -> str:
     first, last = graph_input(graph), output(graph)
     # what passes decided for the whole network (dnc/passes.py); absent at -O0
     notes = [graph.graph[k] for k in ("memory_format",) if graph.graph.get(k)]
+    if graph.graph.get("batch_tile_bytes"):
+        notes.append(f"batch tiles of {graph.graph['batch_tile_bytes'] >> 10} KiB")
     notes += ["inference only"] if graph.graph.get("inference_only") else []
     tail = "".join(f", {note}" for note in notes)
     lines = [f"graph {graph.graph.get('name', '?')} ({_shape(first)} -> {_shape(last)}){tail}:"]

@@ -87,6 +87,8 @@ def test_each_pass_changes_the_ir_and_keeps_the_numbers(reference, name):
         assert not any(n.op is OpKind.CONCAT for n in ordered(graph))
     elif name == "channels_last":
         assert graph.graph["memory_format"] == "channels_last"
+    elif name == "batch_tile":
+        assert graph.graph["batch_tile_bytes"] > 0 and graph.graph["inference_only"]
 
 
 def test_pool_first_keeps_training(reference):
@@ -105,7 +107,7 @@ def test_pool_first_keeps_training(reference):
 
 def test_passes_are_per_target_and_named():
     assert [n for n, _ in select("onnx", 2)] == ["pool_first", "fold_conv_bn", "fuse_bn_relu"]
-    assert [n for n, _ in select("torch", 2, disable=["channels_last"])][-1] == "block_buffer"
+    assert [n for n, _ in select("torch", 2, disable=["channels_last"])][-1] == "batch_tile"
     assert select("torch", 0) == []
     with pytest.raises(DncError, match="unknown pass 'fold'"):
         select("torch", 2, disable=["fold"])
@@ -149,6 +151,41 @@ def test_O2_module_keeps_checkpoints_and_refuses_training(reference, tmp_path):
     with torch.no_grad():
         assert rel_err(scripted(x), ref) <= RTOL
         assert rel_err(exported(x), ref) <= RTOL
+
+
+def test_batch_tiles_keep_the_numbers(reference, tmp_path):
+    """-O2 dense blocks and transitions on batch tiles: one sample, two, or the whole batch per tile, the same
+    numbers; under TorchScript, and under torch.export with a dynamic batch (which runs whole batches)."""
+    _, _, state, x, ref = reference
+    _, graph = build(spec_path("densenet121"), SMALL, passes=select("torch", 2))
+    source = emit_torch.emit(graph)
+    assert "for tile in [out] if step >= n else out.split(step):" in source
+    assert "def run(self, x: Tensor) -> Tensor:" in source  # the transition's chain, called per tile
+    (tmp_path / "tiled.py").write_text(source)
+    module = import_file(tmp_path / "tiled.py")
+    per_sample = 256 * 16 * 24 * 4  # denseblock1's buffer, one 64x96 sample, float32
+    tiles = {}
+    for tile_bytes in (0, 1, 2 * per_sample, 1 << 30):
+        model = module.DenseNet(tile_bytes=tile_bytes)
+        model.load_state_dict(state, strict=True)
+        seen: list[int] = []
+        hook = model.features.denseblock1.denselayer1.register_forward_hook(
+            lambda m, i, o, seen=seen: seen.append(len(o))
+        )
+        with torch.no_grad():
+            assert rel_err(model(x), ref) <= RTOL
+        hook.remove()
+        tiles[tile_bytes] = seen
+    assert tiles == {0: [3], 1: [1, 1, 1], 2 * per_sample: [2, 1], 1 << 30: [3]}
+    model = module.DenseNet(tile_bytes=1)
+    model.load_state_dict(state, strict=True)
+    scripted = torch.jit.script(model)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    exported = torch.export.export(model, (x,), dynamic_shapes=({0: batch},)).module()
+    with torch.no_grad():
+        assert rel_err(scripted(x), ref) <= RTOL
+        assert rel_err(exported(x), ref) <= RTOL
+        assert rel_err(exported(x[:2]), ref[:2]) <= RTOL
 
 
 def test_O0_relu_is_in_place_only_without_grad(reference):
