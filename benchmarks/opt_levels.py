@@ -5,7 +5,8 @@ runs eager NCHW and channels_last (its input converted inside the timed call, as
 -O2 module converts its own). Configurations run interleaved, `--rounds` rounds of
 `--runs` calls each, and each keeps its best median, so that a slow spell of a shared
 machine does not land on one of them alone. `--memory` also measures the peak RSS
-growth of one inference pass, each model in a fresh process. `--profile` prints
+growth of one inference pass, each model in a fresh process (the high-water mark reset
+after the models are built, through /proc/self/clear_refs, where Linux allows it). `--profile` prints
 where -O2's time goes (torch.profiler, by op). `--compile` times torch.compile.
 
     python benchmarks/opt_levels.py [--spec specs/densenet121.yaml] [--batch 1] [--threads 0] [--memory]
@@ -94,20 +95,33 @@ def timing(args) -> dict[str, float]:
 
 
 MEMORY_CHILD = r"""
-import json, resource, sys, torch
+import gc, json, resource, sys, torch
 sys.path.insert(0, sys.argv[1])
 from benchmarks.opt_levels import models
 from dnc.ir import graph_input
+
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))  # KiB
+
+
 found, graph = models(sys.argv[2], [sys.argv[3]])
 model = found[sys.argv[3]]
 torch.set_num_threads(int(sys.argv[5]) or torch.get_num_threads())
 x = torch.randn(int(sys.argv[4]), *graph_input(graph).shape)
-with open("/proc/self/statm") as f:
-    before = int(f.read().split()[1]) * resource.getpagesize() // 1024
+gc.collect()
+try:  # start the high-water mark here: building the models may have peaked higher than inference
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    reset = True
+except OSError:
+    reset = False
+before = status("VmRSS")
 with torch.no_grad():
     model(x.contiguous(memory_format=torch.channels_last) if sys.argv[3] == "torchvision_cl" else x)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"peak_mib": (peak - before) / 1024}))
+peak = status("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"peak_mib": (peak - before) / 1024, "reset": reset}))
 """
 
 
