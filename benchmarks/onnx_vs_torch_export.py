@@ -8,6 +8,10 @@ seeded checkpoint written once to a .safetensors file, which each side reads ins
 its timed subprocess.
 
     python benchmarks/onnx_vs_torch_export.py [--specs densenet121 densenet264] [--runs 20] [--level 2]
+    python benchmarks/onnx_vs_torch_export.py --ort-profile [--batches 16]
+
+`--ort-profile` shows what onnxruntime makes of both graphs instead: node counts by op
+type after its optimisations, and where its kernel time goes (its own profiler).
 
 torch's side uses the TorchScript exporter (dynamo=False): the torch.export-based one
 needs onnxscript, which dnc does not depend on.
@@ -108,12 +112,54 @@ def bench(name: str, args, work: Path) -> list[tuple[str, str, str, str]]:
     rows.append(("file size (MB)", *_pair(ours.stat().st_size / 1e6, theirs.stat().st_size / 1e6, "{:.1f}")))
     nodes = [len(onnx.load(p, load_external_data=False).graph.node) for p in (ours, theirs)]
     rows.append(("nodes", *_pair(*nodes, "{}")))
+    if args.ort_profile:
+        for batch in args.batches:
+            ort_profile({"dnc": ours, "torch.onnx.export": theirs}, batch, args.threads, args.runs)
+        return []
     for batch in args.batches:
         (a, ya), (b, yb) = latencies([ours, theirs], batch, args.threads, args.warmup, args.runs)
         rows.append((f"ORT latency, batch {batch} (ms)", *_pair(a * 1e3, b * 1e3, "{:.1f}")))
         diff = float(np.abs(ya - yb).max() / np.abs(yb).max())
         rows.append((f"max rel. diff of outputs, batch {batch}", f"{diff:.1e}", "", ""))
     return rows
+
+
+def ort_profile(paths: dict[str, Path], batch: int, threads: int, runs: int) -> None:
+    """Per model: the optimised graph's ops, and each op type's share of kernel time (Conv split by kernel)."""
+    import collections
+    import json
+
+    import onnx
+    import onnxruntime as ort
+
+    x = {"input": np.random.default_rng(batch).standard_normal((batch, 3, 224, 224), dtype=np.float32)}
+    for name, path in paths.items():
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        options.optimized_model_filepath = str(path.with_suffix(".optimized.onnx"))
+        options.enable_profiling = True
+        options.profile_file_prefix = str(path.with_suffix(""))
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            session.run(None, x)
+        events = json.loads(Path(session.end_profiling()).read_text())
+        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node
+        ops = collections.Counter(n.op_type for n in optimized)
+        print(f"\n{name}: {len(optimized)} nodes after onnxruntime's optimisations: {dict(sorted(ops.items()))}")
+        spent = collections.Counter()
+        for e in events:
+            if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+                continue
+            kind = e["args"]["op_name"]
+            shapes = e["args"].get("input_type_shape", [])
+            if kind == "Conv" and len(shapes) > 1:
+                weight = next(iter(shapes[1].values()))
+                kind = "Conv (batch norm, depthwise)" if weight[1] == 1 else f"Conv {weight[2]}x{weight[3]}"
+            spent[kind] += e["dur"]
+        total = sum(spent.values())
+        shares = ", ".join(f"{k} {v / total:.1%}" for k, v in spent.most_common())
+        print(f"  kernel time, batch {batch}, {total / runs / 1e3:.0f} ms per run: {shares}")
 
 
 def _pair(a: float, b: float, fmt: str) -> tuple[str, str, str]:
@@ -130,6 +176,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runs", type=int, default=20, help="timed inference runs per batch size (median)")
     parser.add_argument("--repeats", type=int, default=3, help="emission subprocesses per side (median)")
+    parser.add_argument("--ort-profile", action="store_true", help="onnxruntime's view of both graphs instead")
     args = parser.parse_args()
 
     import onnxruntime
@@ -140,8 +187,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.specs:
             print(f"\n### {name}\n")
-            print("| | dnc `--target onnx` | `torch.onnx.export` | dnc / torch |")
-            print("| --- | ---: | ---: | ---: |")
+            if not args.ort_profile:
+                print("| | dnc `--target onnx` | `torch.onnx.export` | dnc / torch |")
+                print("| --- | ---: | ---: | ---: |")
             for row in bench(name, args, Path(tmp)):
                 print("| " + " | ".join(row) + " |")
 
