@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 
 from dnc.errors import EmitError
+from dnc.files import size_text
 from dnc.ir import (
     BatchNormAttrs,
     Node,
@@ -492,7 +493,7 @@ def view(graph: nx.DiGraph, options: dict) -> dict:
         "memory_format": "torch.channels_last" if channels_last else "torch.contiguous_format",
         "channels_last": channels_last,
         "tile_bytes": _int(tile_bytes) if tile_bytes else "",
-        "tile_words": _bytes_words(tile_bytes),
+        "tile_words": size_text(tile_bytes),
         "tiled": _tuple(tiled),
     }
 
@@ -631,13 +632,6 @@ def _rate(v) -> str:
 def _tuple(names: list[str]) -> str:
     """An isinstance() argument: one class name, or a tuple of them."""
     return f"({', '.join(names)})" if len(names) > 1 else "".join(names)
-
-
-def _bytes_words(size: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if size >= 1 << shift and size % (1 << shift) == 0:
-            return f"{size >> shift} {unit}"
-    return f"{size} bytes"
 
 
 def _shape(n: Node) -> str:

@@ -12,6 +12,7 @@ import dataclasses
 
 import networkx as nx
 
+from dnc.files import size_text
 from dnc.infer import fmt_shape
 from dnc.ir import Node, UnitKind, graph_input, inputs, ordered, output
 
@@ -23,7 +24,7 @@ def ir_text(graph: nx.DiGraph) -> str:
     # what passes decided for the whole network (dnc/passes.py); absent at -O0
     notes = [graph.graph[k] for k in ("memory_format",) if graph.graph.get(k)]
     if graph.graph.get("batch_tile_bytes"):
-        notes.append(f"batch tiles of {graph.graph['batch_tile_bytes'] >> 10} KiB")
+        notes.append(f"batch tiles of {size_text(graph.graph['batch_tile_bytes'])}")
     notes += ["inference only"] if graph.graph.get("inference_only") else []
     tail = "".join(f", {note}" for note in notes)
     lines = [f"graph {graph.graph.get('name', '?')} ({_shape(first)} -> {_shape(last)}){tail}:"]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from dnc.errors import DncError
+from dnc.files import size_text
 from dnc.infer import infer
 from dnc.ir import (
     BufferAttrs,
@@ -155,7 +156,7 @@ def channels_last(graph: nx.DiGraph) -> nx.DiGraph:
     return graph
 
 
-_tile_doc = f"dense blocks and transitions run as many samples at a time as {TILE_BYTES >> 20} MiB of features hold"
+_tile_doc = f"Dense blocks and transitions run as many samples at a time as {size_text(TILE_BYTES)} of features hold."
 PASSES: dict[str, PassInfo] = {
     p.name: p
     for p in (
