@@ -173,6 +173,22 @@ def test_torch_compile(tiny):
         assert torch.allclose(compiled(x), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # as above
+def test_torch_compile_O2(tiny, tmp_path):
+    """The -O2 module under torch.compile (traced, it concatenates instead of writing into buffer views)."""
+    model, x, want = eval_pair(tiny)
+    spec_file = tmp_path / "tiny.yaml"
+    spec_file.write_text(TINY)
+    result = dnc_cli("compile", spec_file, "-O2", "-o", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    optimised = import_file(tmp_path / "out" / "tiny.py", "tiny_O2").DenseNet(tile_bytes=1)
+    optimised.load_state_dict(model.state_dict(), strict=True)
+    compiled = torch.compile(optimised)
+    with torch.no_grad():
+        assert torch.allclose(optimised(x), want, rtol=1e-4, atol=1e-5)  # eager: one sample per tile
+        assert torch.allclose(compiled(x), want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
