@@ -9,6 +9,7 @@ the -O2 ONNX model folds its weights and has fewer nodes. Inputs are small.
 
 from __future__ import annotations
 
+import copy
 import re
 
 import numpy as np
@@ -92,16 +93,20 @@ def test_each_pass_changes_the_ir_and_keeps_the_numbers(reference, name):
 
 
 def test_pool_first_keeps_training(reference):
-    """-O1 still trains: the same gradients as -O0 (eval-mode BN, so batch statistics amplify no rounding)."""
+    """-O1 still trains: the same gradients as -O0.
+
+    Compared in float64, where the algebra shows (they agree to ~1e-15): in float32 torch's own
+    weight gradient of the 56x56 transition conv is off by 2.4e-4 on one thread, for -O0 alone.
+    """
     model0, _, state, x, _ = reference
     model1, _, _ = torch_model("densenet121", select("torch", 1), state)
     grads = []
-    for m in (model0, model1):
-        m.zero_grad()
-        m(x[:2]).square().sum().backward()
+    for m in (copy.deepcopy(model0).double(), copy.deepcopy(model1).double()):
+        m(x[:2].double()).square().sum().backward()
         grads.append(m.features.transition1.conv.weight.grad)
-    assert rel_err(grads[1], grads[0]) <= 1e-4
+    assert rel_err(grads[1], grads[0]) <= 1e-12
     model1.train()(x[:2]).sum().backward()  # and in train mode
+    assert model1.features.transition1.conv.weight.grad is not None
     model1.eval()
 
 
