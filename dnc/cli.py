@@ -438,7 +438,7 @@ def passes_():
     from dnc.passes import PASSES
 
     for p in PASSES.values():
-        click.echo(f"{p.name:<14} -O{p.level}  {','.join(sorted(p.targets)):<11} {p.doc}")
+        click.echo(f"{p.name:<14} -O{p.level}  {','.join(sorted(p.targets)):<11} {' '.join(p.doc.split())}")
 
 
 @main.command()

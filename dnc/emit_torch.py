@@ -35,6 +35,7 @@ from dnc.errors import EmitError
 from dnc.files import size_text
 from dnc.ir import (
     BatchNormAttrs,
+    ConvAttrs,
     Node,
     OpKind,
     Unit,
@@ -58,6 +59,7 @@ LINE_LENGTH = 120  # the project's ruff line-length: generated files must pass `
 _TAKEN = {"re", "torch", "nn", "F", "Tensor", "OrderedDict", "DenseNet", "DenseBlock", "DenseLayer"}
 _TAKEN |= {"PlainDenseLayer", "Transition", "upgrade_state_dict", "any_requires_grad", "build", "checkpoint"}
 _TAKEN |= {"ReLU", "BNReLU", "FoldedConv2d", "FoldedBatchNorm2d", "BufferedDenseBlock", "TILE_BYTES"}
+_TAKEN |= {"Conv1x1", "FoldedConv1x1", "conv1x1", "BNClamp", "FoldedLinear"}
 _MODULE_OPS = {
     OpKind.CONV,
     OpKind.BATCHNORM,
@@ -66,10 +68,12 @@ _MODULE_OPS = {
     OpKind.AVGPOOL,
     OpKind.CONV_BN,
     OpKind.BN_RELU,
+    OpKind.BN_CLAMP,
 }
 _CONVS = (OpKind.CONV, OpKind.CONV_BN)
 # ops that return a tensor of their own: a ReLU after one (its only reader) may work in place
-_FRESH = {OpKind.CONV, OpKind.CONV_BN, OpKind.BATCHNORM, OpKind.BN_RELU, OpKind.LINEAR, OpKind.AVGPOOL, OpKind.MAXPOOL}
+_FRESH = {OpKind.CONV, OpKind.CONV_BN, OpKind.BATCHNORM, OpKind.BN_RELU, OpKind.BN_CLAMP, OpKind.LINEAR}
+_FRESH |= {OpKind.AVGPOOL, OpKind.MAXPOOL}
 _HEAD_OPS = _MODULE_OPS | {OpKind.GLOBAL_AVGPOOL, OpKind.FLATTEN, OpKind.LINEAR}
 
 
@@ -135,19 +139,44 @@ def _chain(graph: nx.DiGraph, members: list[Node], entry: str) -> list[Node]:
     return chain
 
 
-def _modules(n: Node, cin: str, cout: str | None = None, fresh: bool = False) -> list[tuple[str, str]]:
-    """(module name, constructor call) of each module one op needs: two for a conv with a folded batch norm."""
+def _modules(
+    n: Node, cin: str, cout: str | None = None, fresh: bool = False, onednn: bool = False
+) -> list[tuple[str, str]]:
+    """(module name, constructor call) of each module one op needs: two for a conv with a folded batch norm.
+
+    `onednn`: 1x1 convs are modules that call oneDNN directly (pass onednn_1x1)."""
     if n.op is OpKind.CONV_BN:
         a = n.attrs
-        conv = _module(n.replace(op=OpKind.CONV, attrs=a.conv), cin, cout)
-        conv = conv.replace("nn.Conv2d(", "FoldedConv2d(", 1)[:-1] + f", norm={json.dumps(_ident(a.norm))})"
         norm = _module(n.replace(op=OpKind.BATCHNORM, attrs=a.bn), cout)
+        conv = _folded_conv(n, a.conv, cin, cout, onednn, a.norm)
         return [(n.name, conv), (a.norm, norm.replace("nn.BatchNorm2d(", "FoldedBatchNorm2d(", 1))]
-    if n.op is OpKind.BN_RELU:
-        return [(n.name, _module(n.replace(op=OpKind.BATCHNORM), cin).replace("nn.BatchNorm2d(", "BNReLU(", 1))]
+    if n.op is OpKind.CONV and n.attrs.pre:
+        return [(n.name, _folded_conv(n, n.attrs, cin, cout, onednn, ""))]
+    if n.op is OpKind.LINEAR and n.attrs.pre:
+        call = _module(n, cin).replace("nn.Linear(", "FoldedLinear(", 1)
+        return [(n.name, f"{call[:-1]}, pre={json.dumps(_dotted(n.attrs.pre))})")]
+    if n.op in (OpKind.BN_RELU, OpKind.BN_CLAMP):
+        cls = "BNReLU(" if n.op is OpKind.BN_RELU else "BNClamp("
+        return [(n.name, _module(n.replace(op=OpKind.BATCHNORM), cin).replace("nn.BatchNorm2d(", cls, 1))]
     if n.op is OpKind.RELU and fresh:
         return [(n.name, "ReLU()")]
+    if n.op is OpKind.CONV and onednn and n.attrs.pointwise:
+        return [(n.name, _module(n, cin, cout).replace("nn.Conv2d(", "Conv1x1(", 1))]
     return [(n.name, _module(n, cin, cout))]
+
+
+def _folded_conv(n: Node, conv: ConvAttrs, cin: str, cout: str | None, onednn: bool, norm: str) -> str:
+    """A FoldedConv2d: the conv with the batch norm after it (`norm`) and the one of its `pre` folded in."""
+    call = _module(n.replace(op=OpKind.CONV, attrs=conv), cin, cout)
+    cls = "FoldedConv1x1(" if onednn and conv.pointwise else "FoldedConv2d("
+    extra = [f", norm={json.dumps(_ident(norm))}"] if norm else []
+    extra += [f", pre={json.dumps(_dotted(conv.pre))}"] if conv.pre else []
+    return call.replace("nn.Conv2d(", cls, 1)[:-1] + "".join(extra) + ")"
+
+
+def _dotted(path: tuple[str, ...]) -> str:
+    """A module path relative to a parent module, for `get_submodule`: checked identifiers joined by dots."""
+    return ".".join(_ident(p) for p in path)
 
 
 def _module(n: Node, cin: str, cout: str | None = None) -> str:
@@ -186,7 +215,13 @@ def _module(n: Node, cin: str, cout: str | None = None) -> str:
 
 def _literal_modules(graph: nx.DiGraph, n: Node) -> list[tuple[str, str]]:
     cin = _int(input_nodes(graph, n)[0].shape[0])
-    return _modules(n, cin, _int(n.shape[0]) if n.op in _CONVS else None, _fresh_input(graph, n))
+    cout = _int(n.shape[0]) if n.op in _CONVS else None
+    return _modules(n, cin, cout, _fresh_input(graph, n), _onednn(graph))
+
+
+def _onednn(graph: nx.DiGraph) -> bool:
+    """Whether 1x1 convs call oneDNN directly (pass onednn_1x1)."""
+    return graph.graph.get("conv1x1") == "onednn"
 
 
 # -- unit classes --------------------------------------------------------------------
@@ -202,6 +237,7 @@ class UnitClass:
     steps: list[Step]  # from the first instance; dropout rates and channels are arguments
     drop_slots: set[int] = field(default_factory=set)  # indices in `steps` after which dropout may run
     buffered: bool = False  # a dense layer that reads a view of its block buffer, not a list of features
+    onednn: bool = False  # its 1x1 convs call oneDNN directly (pass onednn_1x1)
 
     @property
     def args(self) -> list[str]:
@@ -278,7 +314,7 @@ class Classes:
         if cls is None:
             names = _out_args(kind, core)
             steps = [Step(n, a, f) for n, a, f in zip(core, names, fresh, strict=True)]
-            cls = UnitClass(self._name(kind, core), kind, sig, steps, buffered=buffered)
+            cls = UnitClass(self._name(kind, core), kind, sig, steps, buffered=buffered, onednn=_onednn(graph))
             self.all.append(cls)
         cls.drop_slots |= slots
         values = [f"in_channels={_int(in_channels)}"]
@@ -311,7 +347,7 @@ def _class_view(cls: UnitClass, tiled: bool = False) -> dict:
     channels = "in_channels"
     for s in cls.steps:
         n = s.node
-        for name, call in _modules(n, channels, s.out_arg, s.fresh):
+        for name, call in _modules(n, channels, s.out_arg, s.fresh, cls.onednn):
             init.add(f"self.{_ident(name)} = {call}")
         if s.out_arg:
             channels = s.out_arg
@@ -364,6 +400,7 @@ _OP_WORDS = {
     OpKind.AVGPOOL: "AvgPool",
     OpKind.CONV_BN: "Conv",
     OpKind.BN_RELU: "BN+ReLU",
+    OpKind.BN_CLAMP: "BN+ReLU as a clamp",
 }
 
 
@@ -381,6 +418,8 @@ def _class_doc(cls: UnitClass) -> str:
             word += " with bias"
         if n.op is OpKind.CONV_BN:
             word += "+BN folded"
+        if n.op in _CONVS and a.pre:
+            word += " (applying that BN)"
         parts.append(word)
         if i in cls.drop_slots:
             parts.append("dropout")
@@ -486,7 +525,14 @@ def view(graph: nx.DiGraph, options: dict) -> dict:
         "last_position": str(positions[-1]) if positions else "-1",
         "inference_only": bool(graph.graph.get("inference_only")),
         "relu": any(n.op is OpKind.RELU and _fresh_input(graph, n) for n in nodes),
-        "folded_conv": OpKind.CONV_BN in used,
+        "folded_conv": OpKind.CONV_BN in used or any(n.op is OpKind.CONV and n.attrs.pre for n in nodes),
+        "folded_linear": any(n.op is OpKind.LINEAR and n.attrs.pre for n in nodes),
+        "bn_clamp": OpKind.BN_CLAMP in used,
+        "onednn": _onednn(graph) and any(_pointwise(n) for n in nodes),
+        "plain_conv1x1": _onednn(graph)
+        and any(_pointwise(n) and n.op is OpKind.CONV and not n.attrs.pre for n in nodes),
+        "folded_conv1x1": _onednn(graph)
+        and any(_pointwise(n) and (n.op is OpKind.CONV_BN or n.attrs.pre) for n in nodes),
         "bn_relu": OpKind.BN_RELU in used,
         "buffered": OpKind.BUFFER_CONCAT in used,
         "plain_block": OpKind.CONCAT in used or not positions,
@@ -496,6 +542,10 @@ def view(graph: nx.DiGraph, options: dict) -> dict:
         "tile_words": size_text(tile_bytes),
         "tiled": _tuple(tiled),
     }
+
+
+def _pointwise(n: Node) -> bool:
+    return (n.op is OpKind.CONV and n.attrs.pointwise) or (n.op is OpKind.CONV_BN and n.attrs.conv.pointwise)
 
 
 def _feature(init: Code, graph: nx.DiGraph, n: Node, previous: Node) -> int:

@@ -176,6 +176,46 @@ def output(graph: nx.DiGraph) -> Node:
     return node(graph, sinks[0])
 
 
+def commutes_with_affine(n: Node) -> bool:
+    """Whether a per-channel scale and shift may move across `n` unchanged: linear per channel, no padding."""
+    if n.op is OpKind.AVGPOOL:
+        return n.attrs.padding == 0
+    return n.op in (OpKind.GLOBAL_AVGPOOL, OpKind.FLATTEN)
+
+
+def pre_clamp(graph: nx.DiGraph, n: Node) -> Node | None:
+    """The BN_CLAMP node whose batch norm `n` applies to its input first (ConvAttrs.pre), or None."""
+    pre = n.attrs.pre if n.op in (OpKind.CONV, OpKind.CONV_BN, OpKind.LINEAR) else ()
+    if not pre:
+        return None
+    scope = ".".join((*n.path[:-1], *pre))
+    if scope not in graph:
+        raise IRError(f"{n.scope}: pre {pre} names no node ({scope})")
+    return node(graph, scope)
+
+
+def _check_pre(graph: nx.DiGraph, n: Node, claimed: set[str]) -> None:
+    """A `pre` reference: a BN_CLAMP reaching `n` along sole consumers through affine-commuting ops only."""
+    clamp = pre_clamp(graph, n)
+    if clamp is None:
+        return
+    if clamp.op is not OpKind.BN_CLAMP or clamp.scope in claimed:
+        raise IRError(f"{n.scope}: pre {clamp.scope} is a {clamp.op.value} or another op's pre already")
+    claimed.add(clamp.scope)
+    conv = n.attrs.conv if n.op is OpKind.CONV_BN else n.attrs
+    if n.op is not OpKind.LINEAR and conv.padding:
+        raise IRError(f"{n.scope}: pads its input, so it cannot apply the batch norm of its pre {clamp.scope}")
+    at = clamp
+    while at.scope != n.scope:
+        succ = list(graph.succ[at.scope])
+        if len(succ) != 1 or (at is not clamp and not commutes_with_affine(at)):
+            raise IRError(f"{n.scope}: {at.scope} lies between it and its pre {clamp.scope}")
+        at = node(graph, succ[0])
+    features = input_nodes(graph, n)[0].shape
+    if clamp.shape is not None and features is not None and features[0] != clamp.shape[0]:
+        raise IRError(f"{n.scope}: reads {features[0]} features, its pre {clamp.scope} has {clamp.shape[0]}")
+
+
 def replace_node(graph: nx.DiGraph, new: Node) -> None:
     graph.nodes[new.scope]["node"] = new
 
@@ -207,6 +247,12 @@ def verify(graph: nx.DiGraph, *, inferred: bool = False) -> None:
         orders.add(n.order)
         if inferred and (n.shape is None or n.tensors is None or n.params is None or n.macs is None):
             raise IRError(f"{scope}: shape, tensors, params or MACs not inferred")
+    claimed: set[str] = set()
+    for scope in graph:
+        _check_pre(graph, node(graph, scope), claimed)
+    orphans = sorted(s for s in graph if node(graph, s).op is OpKind.BN_CLAMP and s not in claimed)
+    if orphans:
+        raise IRError(f"{orphans[0]}: a bn_clamp that no conv or linear takes as its pre")
     graph_input(graph)
     output(graph)
 

@@ -23,6 +23,8 @@ def ir_text(graph: nx.DiGraph) -> str:
     first, last = graph_input(graph), output(graph)
     # what passes decided for the whole network (dnc/passes.py); absent at -O0
     notes = [graph.graph[k] for k in ("memory_format",) if graph.graph.get(k)]
+    if graph.graph.get("conv1x1"):
+        notes.append(f"1x1 convs on {graph.graph['conv1x1']}")
     if graph.graph.get("batch_tile_bytes"):
         notes.append(f"batch tiles of {size_text(graph.graph['batch_tile_bytes'])}")
     notes += ["inference only"] if graph.graph.get("inference_only") else []
@@ -43,16 +45,17 @@ def ir_text(graph: nx.DiGraph) -> str:
 def node_line(graph: nx.DiGraph, n: Node) -> str:
     """`%name = op[attrs](%inputs) : shape` for one node."""
     args = ", ".join(f"%{src}" for src in inputs(graph, n.scope))
-    attrs = _attrs(n)
+    attrs = _attrs(n.attrs)
     return f"%{n.scope} = {n.op.value}{f'[{attrs}]' if attrs else ''}({args}) : {_shape(n)}"
 
 
-def _attrs(n: Node) -> str:
+def _attrs(attrs) -> str:
+    """`name=value` for each attribute that differs from its default; nested attributes as `name[...]`."""
     parts = []
-    for f in dataclasses.fields(n.attrs):
-        value = getattr(n.attrs, f.name)
+    for f in dataclasses.fields(attrs):
+        value = getattr(attrs, f.name)
         if f.default is dataclasses.MISSING or value != f.default:
-            parts.append(f"{f.name}={value!r}")
+            parts.append(f"{f.name}[{_attrs(value)}]" if dataclasses.is_dataclass(value) else f"{f.name}={value!r}")
     return ", ".join(parts)
 
 

@@ -45,6 +45,9 @@ class OpKind(StrEnum):
     # Made by passes (dnc/passes.py), never by lowering:
     CONV_BN = "conv_bn"  # a convolution with the batch norm after it folded in (eval only)
     BN_RELU = "bn_relu"  # a batch norm and the ReLU after it, one step (eval only)
+    # ReLU(batch norm) whose scale and shift a conv or linear downstream applies (its `pre`): what is
+    # left here is the ReLU's per-channel threshold, a clamp (eval only)
+    BN_CLAMP = "bn_clamp"
     BUFFER_CONCAT = "buffer_concat"  # a concat whose inputs are written once into a preallocated block buffer
 
 
@@ -62,6 +65,14 @@ class ConvAttrs:
     stride: int = 1
     padding: int = 0
     bias: bool = False
+    # pass fold_preact_bn: the BN_CLAMP node upstream whose batch norm scale and shift this conv applies
+    # to its input first; its path relative to this node's parent module (("norm1",)); () for none
+    pre: tuple[str, ...] = ()
+
+    @property
+    def pointwise(self) -> bool:
+        """A 1x1 conv, stride 1, no padding: a per-pixel linear map of the channels."""
+        return (self.kernel, self.stride, self.padding) == (1, 1, 0)
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,7 @@ class DropoutAttrs:
 class LinearAttrs:
     out_features: int
     bias: bool = True
+    pre: tuple[str, ...] = ()  # as ConvAttrs.pre
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,10 @@ class ConvBNAttrs:
     conv: ConvAttrs
     norm: str  # the batch norm's module name beside the conv (`norm2`)
     bn: BatchNormAttrs = BatchNormAttrs()
+
+    @property
+    def pre(self) -> tuple[str, ...]:
+        return self.conv.pre
 
 
 @dataclass(frozen=True)
@@ -288,6 +304,7 @@ OPS: dict[OpKind, OpDef] = {
         lambda a, s, out: _conv_macs(a.conv, s, out),
     ),
     OpKind.BN_RELU: OpDef(BatchNormAttrs, 1, lambda a, s: _feature_map(s), _batchnorm_tensors),
+    OpKind.BN_CLAMP: OpDef(BatchNormAttrs, 1, lambda a, s: _feature_map(s), _batchnorm_tensors),
     OpKind.BUFFER_CONCAT: OpDef(BufferAttrs, None, _buffer_concat),
 }
 

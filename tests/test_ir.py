@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import networkx as nx
@@ -26,6 +27,7 @@ from dnc.ir import (
 )
 from dnc.ir_text import ir_text
 from dnc.loader import load_spec
+from dnc.passes import select
 from dnc.pipeline import build, compile_spec
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -161,6 +163,36 @@ def test_the_verifier_names_each_broken_invariant(tiny, message):
     verify(graph, inferred=True)  # intact
     BREAKS[message](graph)
     with pytest.raises(IRError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        verify(graph, inferred=True)
+
+
+def _pre(graph, scope, pre=None, **changes):
+    """Set a conv's or linear's `pre` (and other attributes) in a graph after pass fold_preact_bn."""
+    n = node(graph, scope)
+    attrs = dataclasses.replace(n.attrs, **changes, **({} if pre is None else {"pre": pre}))
+    replace_node(graph, n.replace(attrs=attrs))
+
+
+PRE_BREAKS = {  # pass fold_preact_bn's references, checked by the verifier
+    "names no node": lambda g: _pre(g, "classifier", ("features", "norm9")),
+    "is a conv or another op's pre already": lambda g: _pre(g, "classifier", ("features", "conv0")),
+    "a bn_clamp that no conv or linear takes as its pre": lambda g: _pre(g, "classifier", ()),
+    "pads its input": lambda g: _pre(g, "features.transition1.conv", padding=1),
+    "lies between it and its pre": lambda g: [
+        _pre(g, "features.transition1.conv", ()),
+        _pre(g, "classifier", ("features", "transition1", "norm")),
+    ],
+    "reads 6 features, its pre features.norm5 has 99": lambda g: _set(g, "features.norm5", shape=(99, 1, 1)),
+}
+
+
+@pytest.mark.parametrize("message", list(PRE_BREAKS))
+def test_the_verifier_checks_what_a_folded_batch_norm_refers_to(tiny, message):
+    graph = build(tiny, passes=select("torch", 0, enable=["fold_preact_bn"]))[1].copy()
+    verify(graph, inferred=True)
+    assert node(graph, "classifier").attrs.pre == ("features", "norm5")
+    PRE_BREAKS[message](graph)
+    with pytest.raises(IRError, match=message):
         verify(graph, inferred=True)
 
 

@@ -65,6 +65,18 @@ def reference():
         return model, graph, state, x, model(x)
 
 
+def _op_calls(model, x, op: str) -> int:
+    """How often `model(x)` calls the aten op `op`, on one thread (where torch picks a GEMM for 1x1 convs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            model(x)
+    finally:
+        torch.set_num_threads(threads)
+    return sum(e.count for e in prof.key_averages() if e.key == op)
+
+
 def _one(name: str):
     return select("torch", 0, enable=[name])
 
@@ -86,6 +98,16 @@ def test_each_pass_changes_the_ir_and_keeps_the_numbers(reference, name):
         assert len(graph0) - len(graph) == 58 + 58 + 3 + 1 + 1
     elif name == "block_buffer":
         assert not any(n.op is OpKind.CONCAT for n in ordered(graph))
+    elif name == "fold_preact_bn":  # every norm1, transition norm and norm5: their ReLUs become clamps
+        clamps = [n for n in ordered(graph) if n.op is OpKind.BN_CLAMP]
+        assert len(clamps) == len(graph0) - len(graph) == 58 + 3 + 1
+        takers = [n for n in ordered(graph) if n.op in (OpKind.CONV, OpKind.LINEAR) and n.attrs.pre]
+        assert len(takers) == len(clamps) and {"features.transition3.conv", "classifier"} <= {t.scope for t in takers}
+    elif name == "onednn_1x1":  # every 1x1 conv runs oneDNN's kernel, even where torch would choose a GEMM
+        pointwise = [n for n in ordered(graph) if n.op is OpKind.CONV and n.attrs.pointwise]
+        assert len(pointwise) == 58 + 3
+        counts = [_op_calls(m, x[:1], "aten::mkldnn_convolution") for m in (reference[0], model)]
+        assert counts[1] - counts[0] == len(pointwise)
     elif name == "channels_last":
         assert graph.graph["memory_format"] == "channels_last"
     elif name == "batch_tile":
@@ -191,6 +213,27 @@ def test_batch_tiles_keep_the_numbers(reference, tmp_path):
         assert rel_err(scripted(x), ref) <= RTOL
         assert rel_err(exported(x), ref) <= RTOL
         assert rel_err(exported(x[:2]), ref[:2]) <= RTOL
+
+
+def test_fold_preact_bn_keeps_the_numbers_whatever_the_sign_of_a_scale(reference):
+    """Batch norm scales below zero (a two-sided clamp), exactly zero, and so small that -b/s is beyond float32
+    (the channel gives relu(b)): -O2 still matches -O0, which computes relu(s*x + b) as torchvision does."""
+    _, _, state, x, _ = reference
+    state = {k: v.clone() for k, v in state.items()}
+    for key in [k for k in state if k.endswith(("norm1.weight", "transition1.norm.weight", "norm5.weight"))]:
+        weight, bias = state[key], state[key.removesuffix("weight") + "bias"]
+        weight[0::4] *= -1
+        weight[1] = 0.0
+        weight[2], bias[2] = 1e-41, -1.0  # relu(b) = 0
+        weight[3], bias[3] = 1e-41, 0.5  # relu(b) = 0.5
+    model0, _, _ = torch_model("densenet121", [], state)
+    model2, _, _ = torch_model("densenet121", select("torch", 2), state)
+    with torch.no_grad():
+        assert rel_err(model2(x), model0(x)) <= RTOL
+    norm1 = model2.features.denseblock1.denselayer1.norm1
+    assert norm1.two_sided and not model2.features.transition2.norm.two_sided
+    assert torch.isinf(norm1.lower[1:4]).all() and torch.isinf(norm1.upper[1:4]).all()  # no clamp: s is 0 there
+    assert torch.isfinite(norm1.upper[0]) and norm1.lower[0] == -float("inf")
 
 
 def test_O0_relu_is_in_place_only_without_grad(reference):

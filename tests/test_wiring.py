@@ -142,3 +142,14 @@ def test_onnx_follows_the_reversed_concat(tmp_path):
 def test_the_picture_follows_the_wiring():
     labels = {u.id: u.lines for u in picture(mutated(pool_before_conv)).units}
     assert labels["transition1"] == ["transition1", "avgpool2x2/2, conv1x1 30"]
+
+
+def test_onnx_refuses_a_batch_norm_moved_into_the_next_layer():
+    """fold_preact_bn is a torch pass: the ONNX emitter has no rule for its clamps and says so."""
+    pytest.importorskip("onnx")
+    from dnc.emit_onnx import emit_onnx
+    from dnc.passes import fold_preact_bn
+
+    graph = fold_preact_bn(infer(lowered()))
+    with pytest.raises(EmitError, match=r"features.denseblock1.denselayer1.norm1: no ONNX rule for op 'bn_clamp'"):
+        emit_onnx(graph, seeded_state(state_dict_layout(graph)))
