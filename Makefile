@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup setup-gpu zoo test test-gpu generate check lint bench clean
+.PHONY: setup setup-gpu zoo test test-gpu generate check lint bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,12 @@ setup-gpu: setup
 
 test-gpu: setup
 	$(BIN)/python -m pytest -m cuda -rs -v
+
+# On a machine with an NVIDIA GPU: -O levels against torchvision (eager and channels_last), timed there.
+bench-gpu: setup
+	$(BIN)/python benchmarks/opt_levels.py --device cuda --batch 1 --models torchvision torchvision_cl O0 O2
+	$(BIN)/python benchmarks/opt_levels.py --device cuda --batch 64 --models torchvision torchvision_cl O0 O2
+	$(BIN)/python benchmarks/opt_levels.py --device cuda --batch 64 --dtype float16 --models torchvision torchvision_cl O2
 
 zoo: setup
 	$(BIN)/dnc validate specs/*.yaml

@@ -10,6 +10,7 @@ after the models are built, through /proc/self/clear_refs, where Linux allows it
 where -O2's time goes (torch.profiler, by op). `--compile` times torch.compile (compilation, then runs).
 
     python benchmarks/opt_levels.py [--spec specs/densenet121.yaml] [--batch 1] [--threads 0] [--memory]
+    python benchmarks/opt_levels.py --device cuda [--dtype float16] --batch 64   # on a GPU
 """
 
 from __future__ import annotations
@@ -74,10 +75,17 @@ def timing(args) -> dict[str, float]:
     if args.threads:
         torch.set_num_threads(args.threads)
     found, graph = models(args.spec, args.models)
+    dtype = getattr(torch, args.dtype)
+    found = {name: model.to(args.device, dtype) for name, model in found.items()}
     x = torch.randn(args.batch, *graph_input(graph).shape, generator=torch.Generator().manual_seed(0))
+    x = x.to(args.device, dtype)
+    cuda = args.device.startswith("cuda")
 
     def call(name, model):
-        return model(x.contiguous(memory_format=torch.channels_last) if name == "torchvision_cl" else x)
+        out = model(x.contiguous(memory_format=torch.channels_last) if name == "torchvision_cl" else x)
+        if cuda:  # the GPU runs asynchronously: time the work, not its launch
+            torch.cuda.synchronize()
+        return out
 
     best = {name: float("inf") for name in found}
     with torch.no_grad():
@@ -223,6 +231,8 @@ def main() -> None:
     parser.add_argument("--spec", default="specs/densenet121.yaml")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU (timing only)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--models", nargs="+", default=["torchvision", "torchvision_cl", "O0", "O1", "O2"])
@@ -237,9 +247,12 @@ def main() -> None:
         return profile(args)
     if args.compile:
         return compiled(args)
+    if args.device != "cpu" and (args.memory or args.profile or args.compile):
+        parser.error("--memory, --profile and --compile measure the CPU; --device is for timing")
     best = timing(args)
     threads = args.threads or torch.get_num_threads()
-    print(f"{args.spec}, batch {args.batch}, {threads} threads, torch {torch.__version__}, best of {args.rounds}")
+    where = f"{threads} threads" if args.device == "cpu" else torch.cuda.get_device_name(args.device)
+    print(f"{args.spec}, batch {args.batch}, {where}, {args.dtype}, torch {torch.__version__}, best of {args.rounds}")
     base, base_cl = best["torchvision"], best.get("torchvision_cl", best["torchvision"])
     base_peak = 0.0  # torchvision's, measured first
     for name, t in best.items():

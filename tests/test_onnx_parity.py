@@ -17,6 +17,7 @@ from conftest import CIFAR_SPECS, TORCHVISION_SPECS, spec_path
 from dnc.emit_onnx import emit_onnx
 from dnc.infer import state_dict_layout
 from dnc.ir import ordered
+from dnc.passes import select
 from dnc.pipeline import build
 from dnc.weights import seeded_state
 
@@ -111,12 +112,15 @@ def test_dropout_is_the_identity_at_inference():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("level", [0, 2])
 @pytest.mark.parametrize("name", ["densenet121", "densenet_bc100_k12"])
-def test_parity_on_cuda_execution_provider(name):
+def test_parity_on_cuda_execution_provider(name, level):
+    """One node per IR op (-O0) and the default -O2 (folded weights) on onnxruntime's CUDA provider."""
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime has no CUDAExecutionProvider here")
-    case = with_generated_reference(Case(name))
-    cuda = ort.InferenceSession(case.model, providers=["CUDAExecutionProvider"])
+    case = with_generated_reference(Case(name))  # -O0 torch: the reference, with the weights
+    model = emit_onnx(build(spec_path(name), passes=select("onnx", level))[1], case.state).SerializeToString()
+    cuda = ort.InferenceSession(model, providers=["CUDAExecutionProvider"])
     if cuda.get_providers()[0] != "CUDAExecutionProvider":
         pytest.skip("onnxruntime could not start the CUDAExecutionProvider")
     for batch in BATCHES:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import copy
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import ALL_SPECS, TORCHVISION_SPECS, import_file, run_dnc, spec_path
+from conftest import ALL_SPECS, ROOT, TORCHVISION_SPECS, import_file, run_dnc, spec_path
 
 from dnc import emit_torch
 from dnc.emit_onnx import emit_onnx
@@ -276,3 +278,52 @@ def test_cli_levels():
     assert bad.returncode == 2 and "unknown pass 'nope'" in bad.stderr
     ok = run_dnc("verify", "-O2", "specs/densenet121.yaml", *[a for s in SMALL for a in ("--set", s)])
     assert ok.returncode == 0 and "(-O2)" in ok.stdout and ": ok" in ok.stdout
+
+
+# -- on a GPU (skipped without one; `make test-gpu` runs them) ----------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("level", [1, 2])
+@pytest.mark.parametrize("name", ["densenet121", "densenet_bc100_k12"])
+@pytest.mark.usefixtures("full_float32")
+def test_every_level_on_cuda_matches_O0(name, level):
+    """-O1 and -O2 moved to the GPU agree with -O0 on the CPU; -O2 runs channels_last there and, with tiles
+    asked for, still whole batches (tiles are for a CPU's caches)."""
+    model0, graph0, state = torch_model(name, [])
+    _, graph = build(spec_path(name), overrides(name), passes=select("torch", level))
+    model = load_generated(graph).DenseNet(**({"tile_bytes": 1} if level == 2 else {}))
+    model.load_state_dict(state, strict=True)
+    model = model.eval().cuda()
+    x = sample(graph0)
+    seen: list[int] = []
+    first = next(m for m in model.modules() if type(m).__name__.startswith("DenseLayer"))
+    first.register_forward_hook(lambda m, i, o: seen.append(len(o)))
+    with torch.no_grad():
+        for batch in (x, x[:1]):
+            assert rel_err(model(batch.cuda()).cpu(), model0(batch)) <= RTOL
+    assert seen == [3, 1]
+    if level == 2:
+        assert model.features.conv0.folded_weight.is_cuda
+        assert model.forward_features(x.cuda()).is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.fixture
+def full_float32(monkeypatch):
+    """No TF32 on the GPU: full float32, or a 1e-5 tolerance means nothing."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_gpu_timing_script_runs():
+    """benchmarks/opt_levels.py --device cuda: every model timed on the GPU, ratios printed."""
+    done = subprocess.run(
+        [sys.executable, "benchmarks/opt_levels.py", "--device", "cuda", "--batch", "2", "--rounds", "1",
+         "--runs", "1", "--models", "torchvision", "torchvision_cl", "O0", "O2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert [line.split()[0] for line in done.stdout.splitlines()[-4:]] == ["torchvision", "torchvision_cl", "O0", "O2"]
