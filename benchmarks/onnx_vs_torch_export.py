@@ -2,12 +2,12 @@
 
 For each network: emission wall time (a fresh subprocess each, imports included,
 median of --repeats), file size, node count, and onnxruntime CPU latency of both
-graphs at each batch size (warmups, then the median of --runs), plus the largest
+graphs at each batch size (warmups, then the best of --rounds medians of --runs), plus the largest
 relative difference between their outputs. Both sides get the same weights: a
 seeded checkpoint written once to a .safetensors file, which each side reads inside
 its timed subprocess.
 
-    python benchmarks/onnx_vs_torch_export.py [--specs densenet121 densenet264] [--runs 20] [--level 2]
+    python benchmarks/onnx_vs_torch_export.py [--specs densenet121 densenet264] [--rounds 5] [--runs 10] [--level 2]
     python benchmarks/onnx_vs_torch_export.py --ort-profile [--batches 16]
 
 `--ort-profile` shows what onnxruntime makes of both graphs instead: node counts by op
@@ -62,9 +62,12 @@ def timed(cmd: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def latencies(paths: list[Path], batch: int, threads: int, warmup: int, runs: int) -> list[tuple[float, np.ndarray]]:
-    """Median latency and output of each model. Runs alternate between the models, so that load
-    from other processes on a shared machine falls on both alike."""
+def latencies(
+    paths: list[Path], batch: int, threads: int, warmup: int, runs: int, rounds: int
+) -> list[tuple[float, np.ndarray]]:
+    """Latency and output of each model: `rounds` rounds of `runs` runs that alternate between the models
+    (load from other processes on a shared machine falls on both alike), each model keeping the best of
+    its per-round medians (a slow spell of the machine does not land on one model alone)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -75,13 +78,16 @@ def latencies(paths: list[Path], batch: int, threads: int, warmup: int, runs: in
     for _ in range(warmup):
         for i, session in enumerate(sessions):
             outputs[i] = session.run(None, x)[0]
-    times = [[] for _ in sessions]
-    for _ in range(runs):
-        for i, session in enumerate(sessions):
-            start = time.perf_counter()
-            session.run(None, x)
-            times[i].append(time.perf_counter() - start)
-    return [(statistics.median(t), y) for t, y in zip(times, outputs, strict=True)]
+    best = [float("inf")] * len(sessions)
+    for _ in range(rounds):
+        times = [[] for _ in sessions]
+        for _ in range(runs):
+            for i, session in enumerate(sessions):
+                start = time.perf_counter()
+                session.run(None, x)
+                times[i].append(time.perf_counter() - start)
+        best = [min(b, statistics.median(t)) for b, t in zip(best, times, strict=True)]
+    return list(zip(best, outputs, strict=True))
 
 
 def bench(name: str, args, work: Path) -> list[tuple[str, str, str, str]]:
@@ -117,8 +123,9 @@ def bench(name: str, args, work: Path) -> list[tuple[str, str, str, str]]:
             ort_profile({"dnc": ours, "torch.onnx.export": theirs}, batch, args.threads, args.runs)
         return []
     for batch in args.batches:
-        (a, ya), (b, yb) = latencies([ours, theirs], batch, args.threads, args.warmup, args.runs)
+        (a, ya), (b, yb) = latencies([ours, theirs], batch, args.threads, args.warmup, args.runs, args.rounds)
         rows.append((f"ORT latency, batch {batch} (ms)", *_pair(a * 1e3, b * 1e3, "{:.1f}")))
+        rows.append((f"speed-up, batch {batch} (torch.onnx.export's latency / dnc's)", "", "", f"{b / a:.2f}x"))
         diff = float(np.abs(ya - yb).max() / np.abs(yb).max())
         rows.append((f"max rel. diff of outputs, batch {batch}", f"{diff:.1e}", "", ""))
     return rows
@@ -174,7 +181,8 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--runs", type=int, default=20, help="timed inference runs per batch size (median)")
+    parser.add_argument("--runs", type=int, default=10, help="timed runs per model in a round (median)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per batch size (best median)")
     parser.add_argument("--repeats", type=int, default=3, help="emission subprocesses per side (median)")
     parser.add_argument("--ort-profile", action="store_true", help="onnxruntime's view of both graphs instead")
     args = parser.parse_args()
@@ -183,7 +191,8 @@ def main() -> None:
     import torch
 
     print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, opset {args.opset}, ", end="")
-    print(f"{args.threads} ORT threads, {os.cpu_count()} CPUs, median of {args.runs} runs after {args.warmup} warmups")
+    print(f"{args.threads} ORT threads, {os.cpu_count()} CPUs, ", end="")
+    print(f"best of {args.rounds} rounds' medians of {args.runs} runs, after {args.warmup} warmups")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.specs:
             print(f"\n### {name}\n")

@@ -3,10 +3,11 @@
 All models get the same seeded weights and input and run under no_grad; torchvision
 runs eager NCHW and channels_last (its input converted inside the timed call, as the
 -O2 module converts its own). Configurations run interleaved, `--rounds` rounds of
-`--runs` calls each, and each keeps its best median, so that a slow spell of a shared
-machine does not land on one of them alone. `--memory` also measures the peak RSS
+`--runs` calls each, each round starting with the next model, and each keeps its best
+median, so that a slow spell of a shared machine does not land on one of them alone. `--memory` also measures the peak RSS
 growth of one inference pass, each model in a fresh process (the high-water mark reset
-after the models are built, through /proc/self/clear_refs, where Linux allows it). `--profile` prints
+after the models are built, through /proc/self/clear_refs, where Linux allows it; glibc's mmap
+threshold fixed at 128 KiB, so that RSS follows what is live). `--profile` prints
 where -O2's time goes (torch.profiler, by op). `--compile` times torch.compile (compilation, then runs).
 
     python benchmarks/opt_levels.py [--spec specs/densenet121.yaml] [--batch 1] [--threads 0] [--memory]
@@ -67,6 +68,14 @@ def models(spec_path: str, names: list[str]):
     return out, graph
 
 
+def rotated(models: dict, r: int) -> list:
+    """The models' (name, model) pairs, starting at the r-th: each round starts with another model, since the
+    one that runs after another inherits the allocator's state (glibc's adaptive mmap threshold), which moved
+    a model's time by up to 15% here depending on what ran before it."""
+    items = list(models.items())
+    return items[r % len(items) :] + items[: r % len(items)]
+
+
 def timing(args) -> dict[str, float]:
     import torch
 
@@ -91,8 +100,8 @@ def timing(args) -> dict[str, float]:
     with torch.no_grad():
         for name, model in found.items():
             call(name, model)  # warm-up
-        for _ in range(args.rounds):
-            for name, model in found.items():
+        for r in range(args.rounds):
+            for name, model in rotated(found, r):
                 times = []
                 for _ in range(args.runs):
                     start = time.perf_counter()
@@ -136,7 +145,10 @@ print(json.dumps({"peak_mib": (peak - before) / 1024, "reset": reset}))
 def memory(args, name: str) -> float:
     """The median peak RSS growth of `--memory-runs` fresh processes (the allocator's reuse varies run to run)."""
     cmd = [sys.executable, "-c", MEMORY_CHILD, str(ROOT), args.spec, name, str(args.batch), str(args.threads)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # NOTE: a fixed mmap threshold makes RSS follow what is live: with glibc's adaptive one, the same model's
+    # peak RSS growth measured 213 or 313-383 MiB from one fresh process to the next, as frees went one way
+    # or the other; set MALLOC_MMAP_THRESHOLD_ yourself to measure otherwise.
+    env = {"MALLOC_MMAP_THRESHOLD_": "131072", **os.environ, "PYTHONPATH": str(ROOT)}
     peaks = []
     for _ in range(args.memory_runs):
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
@@ -213,8 +225,8 @@ def compiled(args) -> None:
             functions[name](inputs[name])
             first[name] = time.perf_counter() - start
         best = dict.fromkeys(found, float("inf"))
-        for _ in range(args.rounds):
-            for name, fn in functions.items():
+        for r in range(args.rounds):
+            for name, fn in rotated(functions, r):
                 times = []
                 for _ in range(args.runs):
                     start = time.perf_counter()
