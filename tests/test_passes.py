@@ -25,9 +25,10 @@ from dnc.errors import DncError
 from dnc.infer import state_dict_layout
 from dnc.ir import OpKind, ordered
 from dnc.ir_text import ir_text
+from dnc.loader import load_spec
 from dnc.passes import PASSES, select
 from dnc.pipeline import build
-from dnc.reference import to_torch
+from dnc.reference import to_torch, torchvision_densenet
 from dnc.verify import load_generated
 from dnc.weights import seeded_state
 
@@ -164,6 +165,10 @@ def test_O2_module_keeps_checkpoints_and_refuses_training(reference, tmp_path):
     model = import_file(tmp_path / "o2.py").DenseNet()
     model.load_state_dict(state, strict=True)
     assert list(model.state_dict()) == list(model0.state_dict())  # torchvision's keys, nothing folded
+    saved = torchvision_densenet(load_spec(spec_path("densenet121"), SMALL))  # what it saves loads there
+    saved.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        assert rel_err(saved.eval()(x), ref) == 0
     old = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v for k, v in state.items()}
     assert old != state
     fresh, _, _ = torch_model("densenet121", select("torch", 2), old)  # old keys, strict=True, refolded
