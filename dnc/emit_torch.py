@@ -507,6 +507,7 @@ def view(graph: nx.DiGraph, options: dict) -> dict:
     # pass batch_tile: buffered dense blocks and transitions run on batch tiles
     tiled = ["BufferedDenseBlock"] * (OpKind.BUFFER_CONCAT in used) + [c["name"] for c in class_views if c["tiled"]]
     tile_bytes = tile_bytes if tiled else 0
+    onednn = [n for n in nodes if _pointwise(n)] if _onednn(graph) else []  # 1x1 convs that call oneDNN
     return {
         "name": name,
         "header": header_lines(graph, TEMPLATE, options),
@@ -528,11 +529,9 @@ def view(graph: nx.DiGraph, options: dict) -> dict:
         "folded_conv": OpKind.CONV_BN in used or any(n.op is OpKind.CONV and n.attrs.pre for n in nodes),
         "folded_linear": any(n.op is OpKind.LINEAR and n.attrs.pre for n in nodes),
         "bn_clamp": OpKind.BN_CLAMP in used,
-        "onednn": _onednn(graph) and any(_pointwise(n) for n in nodes),
-        "plain_conv1x1": _onednn(graph)
-        and any(_pointwise(n) and n.op is OpKind.CONV and not n.attrs.pre for n in nodes),
-        "folded_conv1x1": _onednn(graph)
-        and any(_pointwise(n) and (n.op is OpKind.CONV_BN or n.attrs.pre) for n in nodes),
+        "onednn": bool(onednn),
+        "plain_conv1x1": any(n.op is OpKind.CONV and not n.attrs.pre for n in onednn),
+        "folded_conv1x1": any(n.op is OpKind.CONV_BN or n.attrs.pre for n in onednn),
         "bn_relu": OpKind.BN_RELU in used,
         "buffered": OpKind.BUFFER_CONCAT in used,
         "plain_block": OpKind.CONCAT in used or not positions,
