@@ -4,11 +4,14 @@ All models get the same seeded weights and input and run under no_grad; torchvis
 runs eager NCHW and channels_last (its input converted inside the timed call, as the
 -O2 module converts its own). Configurations run interleaved, `--rounds` rounds of
 `--runs` calls each, each round starting with the next model, and each keeps its best
-median, so that a slow spell of a shared machine does not land on one of them alone. `--memory` also measures the peak RSS
-growth of one inference pass, each model in a fresh process (the high-water mark reset
-after the models are built, through /proc/self/clear_refs, where Linux allows it; glibc's mmap
-threshold fixed at 128 KiB, so that RSS follows what is live). `--profile` prints
-where -O2's time goes (torch.profiler, by op). `--compile` times torch.compile (compilation, then runs).
+median, so that a slow spell of a shared machine does not land on one of them alone.
+`--memory` also measures the peak RSS growth of one inference pass, each model in a
+fresh process (the high-water mark reset after the models are built, through
+/proc/self/clear_refs, where Linux allows it; glibc's mmap threshold fixed at 128 KiB, so
+that RSS follows what is live). `--profile` prints where each model's time goes
+(torch.profiler, by category). `--compile` times torch.compile (compilation from a cold
+cache, then runs). Each model's line gives its speed-up over the baselines in the run
+(torchvision, torchvision_cl, O2: `O2-<pass>` is -O2 without that pass).
 
     python benchmarks/opt_levels.py [--spec specs/densenet121.yaml] [--batch 1] [--threads 0] [--memory]
     python benchmarks/opt_levels.py --device cuda [--dtype float16] --batch 64   # on a GPU
@@ -213,6 +216,8 @@ def compiled(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    # a cold start: Inductor's caches, kept from an earlier run, would make compilation look nearly free
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="dnc-inductor-"))
     found, graph = models(args.spec, args.models)
     x = torch.randn(args.batch, *graph_input(graph).shape)
     cl = x.contiguous(memory_format=torch.channels_last)
@@ -255,25 +260,29 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
+    if args.device != "cpu" and (args.memory or args.profile or args.compile):
+        parser.error("--memory, --profile and --compile measure the CPU; --device is for timing")
     if args.profile:
         return profile(args)
     if args.compile:
         return compiled(args)
-    if args.device != "cpu" and (args.memory or args.profile or args.compile):
-        parser.error("--memory, --profile and --compile measure the CPU; --device is for timing")
     best = timing(args)
     threads = args.threads or torch.get_num_threads()
     where = f"{threads} threads" if args.device == "cpu" else torch.cuda.get_device_name(args.device)
     print(f"{args.spec}, batch {args.batch}, {where}, {args.dtype}, torch {torch.__version__}, best of {args.rounds}")
-    base, base_cl = best["torchvision"], best.get("torchvision_cl", best["torchvision"])
-    base_peak = 0.0  # torchvision's, measured first
+    # speed-up of each model over the baselines in the run: torchvision's two, and -O2 (to read what a pass is worth)
+    bases = {short: best[name] for name, short in BASES.items() if name in best}
+    peaks = {}
     for name, t in best.items():
-        line = f"{name:<16} {t * 1000:9.1f} ms  tv/this {base / t:5.2f}x  tv_cl/this {base_cl / t:5.2f}x"
+        line = f"{name:<16} {t * 1000:9.1f} ms" + "".join(f"  {b}/this {bt / t:5.2f}x" for b, bt in bases.items())
         if args.memory:
-            peak = memory(args, name)
-            base_peak = base_peak if name != "torchvision" else peak
-            line += f"  peak RSS growth {peak:7.0f} MiB ({peak / base_peak:.2f}x torchvision's)"
+            peaks[name] = memory(args, name)
+            first = next(iter(peaks))
+            line += f"  peak RSS growth {peaks[name]:7.0f} MiB ({peaks[name] / peaks[first]:.2f}x {first}'s)"
         print(line)
+
+
+BASES = {"torchvision": "tv", "torchvision_cl": "tv_cl", "O2": "O2"}
 
 
 if __name__ == "__main__":
