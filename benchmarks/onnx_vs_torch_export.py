@@ -182,7 +182,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runs", type=int, default=10, help="timed runs per model in a round (median)")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds per batch size (best median)")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds per batch size (best median)")
     parser.add_argument("--repeats", type=int, default=3, help="emission subprocesses per side (median)")
     parser.add_argument("--ort-profile", action="store_true", help="onnxruntime's view of both graphs instead")
     args = parser.parse_args()
