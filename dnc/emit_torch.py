@@ -40,6 +40,7 @@ from dnc.ir import (
     OpKind,
     Unit,
     UnitKind,
+    conv_attrs,
     input_nodes,
     inputs,
     node,
@@ -409,7 +410,7 @@ def _class_doc(cls: UnitClass) -> str:
     for i, s in enumerate(cls.steps):
         n = s.node
         word = _OP_WORDS[n.op]
-        a = n.attrs.conv if n.op is OpKind.CONV_BN else n.attrs
+        a = conv_attrs(n) or n.attrs
         if n.op in (*_CONVS, OpKind.AVGPOOL, OpKind.MAXPOOL):
             word += f"({a.kernel}x{a.kernel}{f'/{a.stride}' if a.stride > 1 else ''})"
         if s.out_arg:
@@ -544,7 +545,8 @@ def view(graph: nx.DiGraph, options: dict) -> dict:
 
 
 def _pointwise(n: Node) -> bool:
-    return (n.op is OpKind.CONV and n.attrs.pointwise) or (n.op is OpKind.CONV_BN and n.attrs.conv.pointwise)
+    conv = conv_attrs(n)
+    return conv is not None and conv.pointwise
 
 
 def _feature(init: Code, graph: nx.DiGraph, n: Node, previous: Node) -> int:

@@ -183,6 +183,19 @@ def commutes_with_affine(n: Node) -> bool:
     return n.op in (OpKind.GLOBAL_AVGPOOL, OpKind.FLATTEN)
 
 
+def conv_attrs(n: Node) -> ConvAttrs | None:
+    """The convolution attributes of a conv or conv_bn node; None for any other op."""
+    if n.op is OpKind.CONV_BN:
+        return n.attrs.conv
+    return n.attrs if n.op is OpKind.CONV else None
+
+
+def takes_pre(n: Node) -> bool:
+    """Whether `n` can apply a batch norm to its input first (a `pre`): a linear layer, or a conv that pads nothing."""
+    conv = conv_attrs(n)
+    return n.op is OpKind.LINEAR or (conv is not None and conv.padding == 0)
+
+
 def pre_clamp(graph: nx.DiGraph, n: Node) -> Node | None:
     """The BN_CLAMP node whose batch norm `n` applies to its input first (ConvAttrs.pre), or None."""
     pre = n.attrs.pre if n.op in (OpKind.CONV, OpKind.CONV_BN, OpKind.LINEAR) else ()
@@ -202,8 +215,7 @@ def _check_pre(graph: nx.DiGraph, n: Node, claimed: set[str]) -> None:
     if clamp.op is not OpKind.BN_CLAMP or clamp.scope in claimed:
         raise IRError(f"{n.scope}: pre {clamp.scope} is a {clamp.op.value} or another op's pre already")
     claimed.add(clamp.scope)
-    conv = n.attrs.conv if n.op is OpKind.CONV_BN else n.attrs
-    if n.op is not OpKind.LINEAR and conv.padding:
+    if not takes_pre(n):
         raise IRError(f"{n.scope}: pads its input, so it cannot apply the batch norm of its pre {clamp.scope}")
     at = clamp
     while at.scope != n.scope:

@@ -35,6 +35,7 @@ from dnc.ir import (
     node,
     ordered,
     replace_node,
+    takes_pre,
 )
 from dnc.pipeline import NamedPass
 
@@ -154,10 +155,7 @@ def _affine_reader(graph: nx.DiGraph, n: Node) -> Node | None:
     at = _sole_consumer(graph, n)
     while at is not None and commutes_with_affine(at):
         at = _sole_consumer(graph, at)
-    if at is None or at.op not in (OpKind.CONV, OpKind.CONV_BN, OpKind.LINEAR) or at.attrs.pre:
-        return None
-    conv = at.attrs.conv if at.op is OpKind.CONV_BN else at.attrs
-    if at.op is not OpKind.LINEAR and conv.padding:
+    if at is None or not takes_pre(at) or at.attrs.pre:
         return None
     return at if input_nodes(graph, at)[0].shape[0] == n.shape[0] else None
 
