@@ -49,8 +49,8 @@ def main() -> None:
         show(f"dnc compile {args.spec}", wall([py, "-m", "dnc", "compile", args.spec, "-o", out], args.runs))
 
     sys.path.insert(0, str(ROOT))
-    from dnc.emit_torch import emit
     from dnc.pipeline import build
+    from dnc.targets.torch.emit import emit
 
     start = time.perf_counter()
     _, graph = build(ROOT / args.spec)

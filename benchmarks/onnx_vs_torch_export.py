@@ -94,7 +94,7 @@ def bench(name: str, args, work: Path) -> list[tuple[str, str, str, str]]:
     import onnx
     from safetensors.numpy import save_file
 
-    from dnc.infer import state_dict_layout
+    from dnc.ir.infer import state_dict_layout
     from dnc.pipeline import build
     from dnc.weights import seeded_state
 

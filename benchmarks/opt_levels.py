@@ -39,12 +39,12 @@ def models(spec_path: str, names: list[str]):
 
     import torch
 
-    from dnc import emit_torch
-    from dnc.infer import state_dict_layout
-    from dnc.passes import select
+    from dnc.check.reference import torchvision_densenet
+    from dnc.ir.infer import state_dict_layout
+    from dnc.ir.passes import select
     from dnc.pipeline import build
-    from dnc.reference import to_torch, torchvision_densenet
-    from dnc.weights import seeded_state
+    from dnc.targets.torch import emit as emit_torch
+    from dnc.weights import seeded_state, to_torch
 
     spec, graph = build(spec_path)
     state = to_torch(seeded_state(state_dict_layout(graph)))
@@ -82,7 +82,7 @@ def rotated(models: dict, r: int) -> list:
 def timing(args) -> dict[str, float]:
     import torch
 
-    from dnc.ir import graph_input
+    from dnc.ir.graph import graph_input
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -118,7 +118,7 @@ MEMORY_CHILD = r"""
 import gc, json, resource, sys, torch
 sys.path.insert(0, sys.argv[1])
 from benchmarks.opt_levels import models
-from dnc.ir import graph_input
+from dnc.ir.graph import graph_input
 
 
 def status(field):
@@ -182,7 +182,7 @@ def profile(args) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from dnc.ir import graph_input
+    from dnc.ir.graph import graph_input
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -212,7 +212,7 @@ def compiled(args) -> None:
     """torch.compile each model: the first call's time (compilation), then run times interleaved as in timing()."""
     import torch
 
-    from dnc.ir import graph_input
+    from dnc.ir.graph import graph_input
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -29,11 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, resource, sys, time
 import torch
-from dnc.infer import state_dict_layout, state_dict_shapes
-from dnc.ir import graph_input
+from dnc.ir.infer import state_dict_layout, state_dict_shapes
+from dnc.ir.graph import graph_input
 from dnc.pipeline import build
-from dnc.reference import to_torch, torchvision_densenet
-from dnc.verify import load_generated
+from dnc.check.reference import torchvision_densenet
+from dnc.weights import to_torch
+from dnc.targets.torch.run import load_generated
 from dnc.weights import seeded_state
 
 spec_path, which, fmt, mode, batch, runs = sys.argv[1:7]

@@ -23,7 +23,7 @@ from pathlib import Path
 import click
 
 from dnc.errors import DncError, DncWarning
-from dnc.limits import Limits
+from dnc.ir.limits import Limits
 from dnc.pipeline import build  # every command loads specs: networkx, pydantic, ruamel
 from dnc.targets import TARGETS
 from dnc.text import visible
@@ -104,7 +104,7 @@ def _pass_settings(t, opt_level, pass_, no_pass) -> dict:
 
 
 def _passes(t, settings: dict) -> list:
-    from dnc.passes import select
+    from dnc.ir.passes import select
 
     level = settings.get("opt_level", t.default_level)
     on, off = (str(settings.get(k, "")).split(",") for k in ("pass", "no_pass"))
@@ -249,8 +249,8 @@ def validate(specs, overrides, policy):
 @report_errors
 def summary(spec, overrides, fmt, target, batch, opt_level, pass_, no_pass, policy):
     """Per-stage output shape, channels, parameters and MACs, with totals."""
-    from dnc.memory import training_memory
-    from dnc.summary import summarize
+    from dnc.reports.memory import training_memory
+    from dnc.reports.summary import summarize
     from dnc.targets import target as find_target
 
     t = find_target(target)
@@ -265,7 +265,7 @@ def summary(spec, overrides, fmt, target, batch, opt_level, pass_, no_pass, poli
             data["training_memory"] = memory.to_json()
         click.echo(json.dumps(data, indent=2))
         return
-    from dnc.render import memory_table, summary_table
+    from dnc.reports.render import memory_table, summary_table
 
     summary_table(result)
     if memory:
@@ -280,7 +280,7 @@ def summary(spec, overrides, fmt, target, batch, opt_level, pass_, no_pass, poli
 @report_errors
 def resolve(spec, overrides, fmt, policy):
     """Print the fully resolved spec: extends merged, overrides applied, defaults written out."""
-    from dnc.loader import load_spec, resolved_data
+    from dnc.frontend.loader import load_spec, resolved_data
 
     data = resolved_data(load_spec(spec, overrides, policy["roots"]))
     if fmt == "json":
@@ -322,8 +322,8 @@ def compile_(specs, target, out_dir, check, overrides, policy, opt_level, pass_,
     Every spec is compiled before anything is written; a file is rewritten (atomically)
     only when its content changed. Each file records the command that regenerates it.
     """
-    from dnc.outputs import plan_outputs, stale_outputs, write_outputs
     from dnc.targets import target as find_target
+    from dnc.targets.outputs import plan_outputs, stale_outputs, write_outputs
 
     t = find_target(target)
     given = {name: value for name, value in options.items() if value is not None}
@@ -396,10 +396,10 @@ def verify(specs, overrides, weights, device, seed, batch, target, opt_level, pa
         import torch  # noqa: F401
     except ImportError:
         raise DncError("dnc verify runs the models: it needs torch (pip install -e '.[torch,onnxruntime]')") from None
-    from dnc.outputs import display_path
+    from dnc.check.verify import check_device
+    from dnc.check.verify import verify as verify_one
     from dnc.targets import target as find_target
-    from dnc.verify import check_device
-    from dnc.verify import verify as verify_one
+    from dnc.targets.outputs import display_path
 
     t = find_target(target)
     check_device(device)
@@ -423,7 +423,7 @@ def verify(specs, overrides, weights, device, seed, batch, target, opt_level, pa
 @report_errors
 def ir_(spec, overrides, target, opt_level, pass_, no_pass, policy):
     """Print the inferred IR, one line per node: name, op, attributes, inputs, output shape."""
-    from dnc.ir_text import ir_text
+    from dnc.reports.ir_text import ir_text
     from dnc.targets import target as find_target
 
     t = find_target(target)
@@ -435,7 +435,7 @@ def ir_(spec, overrides, target, opt_level, pass_, no_pass, policy):
 @report_errors
 def passes_():
     """List the optimisation passes: name, -O level, targets, what each does."""
-    from dnc.passes import PASSES
+    from dnc.ir.passes import PASSES
 
     for p in PASSES.values():
         click.echo(f"{p.name:<14} -O{p.level}  {','.join(sorted(p.targets)):<11} {' '.join(p.doc.split())}")
@@ -445,7 +445,7 @@ def passes_():
 @report_errors
 def schema():
     """Print the JSON Schema of the spec format (for editors)."""
-    from dnc.schema import json_schema
+    from dnc.frontend.schema import json_schema
 
     click.echo(json.dumps(json_schema(), indent=2))
 
@@ -464,8 +464,8 @@ def diff(a, b, overrides, fmt, policy):
     they are written. --set applies to B. Exit 0 same network and options, 1 different networks,
     4 the same network with other options (memory_efficient), 2 error.
     """
-    from dnc.diff import compare, exit_status, load_side
-    from dnc.diff_report import to_json, to_markdown
+    from dnc.reports.diff import compare, exit_status, load_side
+    from dnc.reports.diff_report import to_json, to_markdown
 
     result = compare(load_side(a, policy=policy), load_side(b, overrides, policy=policy))
     if fmt == "json":
@@ -473,7 +473,7 @@ def diff(a, b, overrides, fmt, policy):
     elif fmt == "markdown":
         click.echo(to_markdown(result))
     else:
-        from dnc.render import diff_text
+        from dnc.reports.render import diff_text
 
         diff_text(result)
     sys.exit(exit_status(result))
@@ -500,8 +500,8 @@ def diff(a, b, overrides, fmt, policy):
 @report_errors
 def graph(spec, overrides, detail, fmt, output, policy):
     """Draw the architecture: DOT or Mermaid source, or SVG/PNG through Graphviz `dot`."""
-    from dnc.outputs import write_outputs
-    from dnc.pictures import IMAGE_FORMATS, picture, render_image, render_text
+    from dnc.reports.pictures import IMAGE_FORMATS, picture, render_image, render_text
+    from dnc.targets.outputs import write_outputs
 
     spec_model, ir = build(spec, overrides, **policy)
     text = render_text(picture(ir, detail), "dot" if fmt in IMAGE_FORMATS else fmt)

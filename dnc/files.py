@@ -32,6 +32,16 @@ def work_tree(folder: Path) -> Path | None:
     return None
 
 
+def spec_reference(path: str | Path) -> str:
+    """The spec path relative to the enclosing git work tree, else relative to the working directory."""
+    absolute = Path(os.path.abspath(path))
+    root = work_tree(absolute.parent)
+    if root is not None:
+        return absolute.relative_to(root).as_posix()
+    relative = os.path.relpath(absolute)
+    return Path(relative).as_posix() if not relative.startswith("..") else absolute.as_posix()
+
+
 def kind(mode: int) -> str:
     """'a directory', 'a FIFO (named pipe)', ... for an `st_mode`; 'a regular file' for one."""
     return "a regular file" if stat.S_ISREG(mode) else _KINDS.get(stat.S_IFMT(mode), "not a regular file")

@@ -6,21 +6,19 @@ with a name; adding one is appending it to the list a caller passes in.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import networkx as nx
 
-from dnc.infer import infer
-from dnc.ir import IRError, verify
-from dnc.limits import Limits, check_limits
-from dnc.loader import load_spec
-from dnc.lower import lower
-from dnc.provenance import spec_reference
-from dnc.spec import Spec
-
-Pass = Callable[[nx.DiGraph], nx.DiGraph]
-NamedPass = tuple[str, Pass]
+from dnc.files import spec_reference
+from dnc.frontend.loader import load_spec
+from dnc.frontend.spec import Spec
+from dnc.ir.graph import IRError, verify
+from dnc.ir.infer import infer
+from dnc.ir.limits import Limits, check_limits
+from dnc.ir.lower import lower
+from dnc.ir.passes import NamedPass
 
 
 def compile_spec(spec: Spec, source: str = "", passes: Sequence[NamedPass] = ()) -> nx.DiGraph:

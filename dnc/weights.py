@@ -15,12 +15,16 @@ import warnings
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dnc.errors import DncWarning, Location, WeightsError
 from dnc.files import open_regular, size_text
-from dnc.ops import OLD_KEY_PATTERN, Init, Tensor
+from dnc.ir.ops import OLD_KEY_PATTERN, Init, Tensor
+
+if TYPE_CHECKING:
+    import torch
 
 CHECKPOINT_OVERHEAD = 16 << 20  # pickle, zip and JSON headers beside the values
 MAX_CHECKPOINT_BYTES = 16 << 30  # without a network to fit
@@ -275,3 +279,10 @@ def network_state(layout: dict[str, Tensor], weights: str | Path | None = None, 
             state[key] = np.array(0, dtype=np.int64)
     check_state(state, expected, str(weights))
     return state
+
+
+def to_torch(state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """numpy state dict -> torch state dict (copies, so the arrays stay untouched). Imports torch."""
+    import torch
+
+    return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in state.items()}

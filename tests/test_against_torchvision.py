@@ -9,14 +9,14 @@ from __future__ import annotations
 import pytest
 from conftest import TORCHVISION_SPECS, spec_path
 
-from dnc.infer import state_dict_shapes
-from dnc.ir import OpKind, ordered
+from dnc.ir.graph import OpKind, ordered
+from dnc.ir.infer import state_dict_shapes
 from dnc.pipeline import build
-from dnc.summary import summarize
+from dnc.reports.summary import summarize
 
 torch = pytest.importorskip("torch", exc_type=ImportError)  # no torch: skip the module
 
-from dnc.reference import torchvision_densenet  # noqa: E402  (needs torch)
+from dnc.check.reference import torchvision_densenet  # noqa: E402  (needs torch)
 
 
 @pytest.mark.parametrize("name", TORCHVISION_SPECS)

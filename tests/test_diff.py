@@ -9,8 +9,8 @@ import subprocess
 import pytest
 from conftest import dnc_cli, run_dnc
 
-from dnc.diff import compare, load_side
-from dnc.loader import load_spec
+from dnc.frontend.loader import load_spec
+from dnc.reports.diff import compare, load_side
 
 # Small enough to build torchvision models in a blink; torchvision can express it.
 BASE = """\
@@ -141,7 +141,7 @@ TORCH_CASES = [
 @pytest.mark.parametrize(("over_a", "over_b"), TORCH_CASES, ids=lambda o: ",".join(o) or "base")
 def test_checkpoint_matches_torch(base, over_a, over_b):
     torch = pytest.importorskip("torch", exc_type=ImportError)
-    from dnc.reference import torchvision_densenet
+    from dnc.check.reference import torchvision_densenet
 
     net_a = torchvision_densenet(load_spec(base, over_a))
     net_b = torchvision_densenet(load_spec(base, over_b))

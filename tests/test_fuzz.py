@@ -23,10 +23,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
-from dnc import emit_onnx, emit_torch
 from dnc.errors import DncError
 from dnc.pipeline import build
-from dnc.summary import summarize
+from dnc.reports.summary import summarize
+from dnc.targets.onnx import emit as emit_onnx
+from dnc.targets.torch import emit as emit_torch
 
 LONG = os.environ.get("DNC_FUZZ_LONG") == "1"
 EXAMPLES = 10_000 if LONG else 60

@@ -11,9 +11,9 @@ import xml.etree.ElementTree as ET
 import pytest
 from conftest import dnc_cli, run_dnc, spec_path
 
-from dnc.ir import stages
-from dnc.pictures import NO_DOT, picture, render_text
+from dnc.ir.graph import stages
 from dnc.pipeline import build
+from dnc.reports.pictures import NO_DOT, picture, render_text
 
 SPEC = spec_path("densenet121")
 STAGES = ["stem", "denseblock1", "transition1", "denseblock2", "transition2", "denseblock3", "transition3"]

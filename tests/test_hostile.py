@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT, run_dnc, spec_path
 
 from dnc.errors import DncError, SpecError
-from dnc.loader import load_spec
+from dnc.frontend.loader import load_spec
 
 HOSTILE = sorted((Path(__file__).parent / "hostile").glob("*.yaml"))
 SMALL = "version: 1\ninput: {size: [32, 32]}\nstem: {kind: cifar, width: 16}\ngrowth_rate: 12\nblocks: [2, 2]\n"
@@ -172,7 +172,7 @@ def test_unknown_keys_with_escapes_cannot_forge_lines(tmp_path, capsys, monkeypa
 
 
 def side(source: str, tmp_path):
-    from dnc.diff import load_side
+    from dnc.reports.diff import load_side
 
     spec = tmp_path / "net.yaml"
     spec.write_text(SMALL)
@@ -182,8 +182,8 @@ def side(source: str, tmp_path):
 
 @pytest.mark.parametrize("name", EVIL_NAMES)
 def test_markdown_escapes_hostile_sources(name, tmp_path):
-    from dnc.diff import compare
-    from dnc.diff_report import to_markdown
+    from dnc.reports.diff import compare
+    from dnc.reports.diff_report import to_markdown
 
     a = side(name, tmp_path)
     b = side(name + "2", tmp_path)
@@ -197,12 +197,12 @@ def test_markdown_escapes_hostile_sources(name, tmp_path):
 def test_rich_output_escapes_hostile_sources(name, tmp_path):
     from rich.console import Console
 
-    from dnc.diff import compare
-    from dnc.render import diff_text
+    from dnc.reports.diff import compare
+    from dnc.reports.render import diff_text
 
     a = side(name, tmp_path)
     spec = tmp_path / "net.yaml"
-    from dnc.diff import load_side
+    from dnc.reports.diff import load_side
 
     b = load_side(str(spec), ["growth_rate=8"])
     console = Console(record=True, width=200, force_terminal=False)
@@ -217,8 +217,8 @@ def test_rich_output_escapes_hostile_sources(name, tmp_path):
 @pytest.mark.parametrize("fmt", ["dot", "mermaid"])
 @pytest.mark.parametrize("name", EVIL_NAMES)
 def test_graph_labels_escape_hostile_names(fmt, name, tmp_path):
-    from dnc.pictures import picture, render_text
     from dnc.pipeline import build
+    from dnc.reports.pictures import picture, render_text
 
     spec = tmp_path / "net.yaml"
     spec.write_text(SMALL)

@@ -10,7 +10,8 @@ import pytest
 from conftest import ROOT
 
 from dnc.errors import ShapeError
-from dnc.ir import (
+from dnc.frontend.loader import load_spec
+from dnc.ir.graph import (
     Builder,
     InputAttrs,
     IRError,
@@ -25,10 +26,9 @@ from dnc.ir import (
     units,
     verify,
 )
-from dnc.ir_text import ir_text
-from dnc.loader import load_spec
-from dnc.passes import select
+from dnc.ir.passes import select
 from dnc.pipeline import build, compile_spec
+from dnc.reports.ir_text import ir_text
 
 GOLDEN = Path(__file__).parent / "golden"
 TINY = """\

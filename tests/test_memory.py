@@ -13,8 +13,8 @@ import sys
 import pytest
 from conftest import ROOT, run_dnc, spec_path
 
-from dnc.memory import training_memory
 from dnc.pipeline import build
+from dnc.reports.memory import training_memory
 
 MEMNET = """\
 version: 1
@@ -177,5 +177,5 @@ def test_summary_batch_table_and_json():
 
 
 def test_memory_module_imports_no_torch():
-    code = "import sys, dnc.memory; assert 'torch' not in sys.modules"
+    code = "import sys, dnc.reports.memory; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

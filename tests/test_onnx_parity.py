@@ -14,18 +14,19 @@ import numpy as np
 import pytest
 from conftest import CIFAR_SPECS, TORCHVISION_SPECS, spec_path
 
-from dnc.emit_onnx import emit_onnx
-from dnc.infer import state_dict_layout
-from dnc.ir import ordered
-from dnc.passes import select
+from dnc.ir.graph import ordered
+from dnc.ir.infer import state_dict_layout
+from dnc.ir.passes import select
 from dnc.pipeline import build
+from dnc.targets.onnx.emit import emit_onnx
 from dnc.weights import seeded_state
 
 torch = pytest.importorskip("torch", exc_type=ImportError)  # no torch: skip the module
 ort = pytest.importorskip("onnxruntime")
 
-from dnc.reference import to_torch, torchvision_densenet  # noqa: E402  (needs torch)
-from dnc.verify import load_generated  # noqa: E402
+from dnc.check.reference import torchvision_densenet  # noqa: E402  (needs torch)
+from dnc.targets.torch.run import load_generated  # noqa: E402
+from dnc.weights import to_torch  # noqa: E402  (needs torch)
 
 TOLERANCE = 1e-5
 CUDA_TOLERANCE = 1e-4  # cuDNN picks its own convolution algorithms (Winograd, FFT): looser rounding

@@ -13,7 +13,11 @@ import onnx
 import pytest
 from conftest import ALL_SPECS, dnc_cli, spec_path
 
-from dnc.emit_onnx import (
+from dnc.errors import EmitError
+from dnc.ir.graph import OpKind, ordered, output
+from dnc.ir.infer import state_dict_layout, state_dict_shapes
+from dnc.pipeline import build
+from dnc.targets.onnx.emit import (
     BATCH,
     DEFAULT_OPSET,
     MAX_OPSET,
@@ -22,11 +26,7 @@ from dnc.emit_onnx import (
     emit_onnx,
     initializer_keys,
 )
-from dnc.errors import EmitError
-from dnc.infer import state_dict_layout, state_dict_shapes
-from dnc.ir import OpKind, ordered, output
-from dnc.outputs import write_outputs
-from dnc.pipeline import build
+from dnc.targets.outputs import write_outputs
 from dnc.weights import seeded_state
 
 SMALL = "densenet_bc100_k12"  # a real DenseNet-BC that builds and runs in well under a second
@@ -195,7 +195,7 @@ def _save(state, path, fmt):
         save_file(dict(state), str(path))
         return
     torch = pytest.importorskip("torch", exc_type=ImportError)
-    from dnc.reference import to_torch
+    from dnc.weights import to_torch
 
     tensors = to_torch(state)
     if fmt == "pth-old":  # as torchvision's own files: old keys, and from before `num_batches_tracked`
@@ -263,7 +263,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr("dnc.outputs.os.replace", broken_replace)
+    monkeypatch.setattr("dnc.targets.outputs.os.replace", broken_replace)
     with pytest.raises(EmitError, match="cannot write: disk full"):
         write_outputs({path: model.SerializeToString()})
     assert [p.name for p in tmp_path.iterdir()] == ["net.onnx"]

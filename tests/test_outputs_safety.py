@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT, run_dnc, spec_path
 
 from dnc.errors import EmitError
-from dnc.outputs import TMP_MARK, write_outputs
+from dnc.targets.outputs import TMP_MARK, write_outputs
 
 
 def test_devices_fifos_symlinks_and_directories_are_refused(tmp_path):
@@ -77,7 +77,7 @@ def test_a_rename_failure_leaves_every_old_file(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         real(src, dst)
 
-    monkeypatch.setattr("dnc.outputs.os.replace", replace)
+    monkeypatch.setattr("dnc.targets.outputs.os.replace", replace)
     with pytest.raises(EmitError, match="No space left"):
         write_outputs({a: b"new a", b: b"new b"})
     assert a.read_bytes() == b"old a" and b.read_bytes() == b"old b"
@@ -88,7 +88,7 @@ WRITER = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from dnc.outputs import write_outputs
+    from dnc.targets.outputs import write_outputs
     write_outputs({Path(sys.argv[1]): b"n" * (400 << 20)})
     """
 )

@@ -19,18 +19,18 @@ import pytest
 import torch
 from conftest import ALL_SPECS, ROOT, TORCHVISION_SPECS, import_file, run_dnc, spec_path
 
-from dnc import emit_torch
-from dnc.emit_onnx import emit_onnx
+from dnc.check.reference import torchvision_densenet
 from dnc.errors import DncError
-from dnc.infer import state_dict_layout
-from dnc.ir import OpKind, ordered
-from dnc.ir_text import ir_text
-from dnc.loader import load_spec
-from dnc.passes import PASSES, select
+from dnc.frontend.loader import load_spec
+from dnc.ir.graph import OpKind, ordered
+from dnc.ir.infer import state_dict_layout
+from dnc.ir.passes import PASSES, select
 from dnc.pipeline import build
-from dnc.reference import to_torch, torchvision_densenet
-from dnc.verify import load_generated
-from dnc.weights import seeded_state
+from dnc.reports.ir_text import ir_text
+from dnc.targets.onnx.emit import emit_onnx
+from dnc.targets.torch import emit as emit_torch
+from dnc.targets.torch.run import load_generated
+from dnc.weights import seeded_state, to_torch
 
 torch.set_num_threads(2)
 SMALL = ["input.size=[64,96]"]  # non-square, and small enough for every ImageNet spec

@@ -63,7 +63,7 @@ def test_graph_image_without_output_writes_an_ignored_file(tmp_path):
 
 
 def test_readme_states_verify_tolerance_as_the_code_does():
-    from dnc.verify import TOLERANCE
+    from dnc.check.verify import TOLERANCE
 
     text = (ROOT / "README.md").read_text()
     assert TOLERANCE == 1e-5

@@ -6,9 +6,9 @@ import pytest
 from conftest import ALL_SPECS, CIFAR_SPECS, spec_path
 
 from dnc.errors import SpecError
-from dnc.loader import load_spec, resolved_data
+from dnc.frontend.loader import load_spec, resolved_data
 from dnc.pipeline import build
-from dnc.summary import summarize
+from dnc.reports.summary import summarize
 
 MINIMAL = """\
 version: 1
@@ -89,7 +89,7 @@ def test_compression_is_floor_of_theta_times_m_computed_exactly(write_spec):
 
 
 def test_dropout_placement(write_spec):
-    from dnc.ir import OpKind, ordered
+    from dnc.ir.graph import OpKind, ordered
 
     def dropouts(extra):
         graph = build(write_spec(MINIMAL + extra))[1]

@@ -11,14 +11,15 @@ from __future__ import annotations
 import pytest
 from conftest import CIFAR_SPECS, ROOT, TORCHVISION_SPECS, import_file, spec_path
 
-from dnc.infer import state_dict_layout, state_dict_shapes
-from dnc.ir import graph_input, ordered, output
+from dnc.ir.graph import graph_input, ordered, output
+from dnc.ir.infer import state_dict_layout, state_dict_shapes
 from dnc.pipeline import build
 from dnc.weights import seeded_state
 
 torch = pytest.importorskip("torch", exc_type=ImportError)  # no torch: skip the module
 
-from dnc.reference import to_torch, torchvision_densenet  # noqa: E402  (needs torch)
+from dnc.check.reference import torchvision_densenet  # noqa: E402  (needs torch)
+from dnc.weights import to_torch  # noqa: E402  (needs torch)
 
 SLOW = {"densenet161", "densenet201", "densenet264"}
 SLOW_CIFAR = {"densenet100_k24", "densenet_bc190_k40", "densenet_bc250_k24"}  # 15M to 27M parameters

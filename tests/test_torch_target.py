@@ -9,9 +9,9 @@ import networkx as nx
 import pytest
 from conftest import ALL_SPECS, ROOT, dnc_cli, run_dnc, spec_path
 
-from dnc import emit_torch
 from dnc.errors import EmitError
 from dnc.pipeline import build
+from dnc.targets.torch import emit as emit_torch
 
 GENERATED = ROOT / "generated"
 

@@ -12,13 +12,14 @@ import re
 import pytest
 from conftest import dnc_cli, import_file
 
-from dnc.infer import state_dict_layout
+from dnc.ir.infer import state_dict_layout
 from dnc.pipeline import build
 from dnc.weights import seeded_state
 
 torch = pytest.importorskip("torch", exc_type=ImportError)  # no torch: skip the module
 
-from dnc.reference import to_torch, torchvision_densenet  # noqa: E402  (needs torch)
+from dnc.check.reference import torchvision_densenet  # noqa: E402  (needs torch)
+from dnc.weights import to_torch  # noqa: E402  (needs torch)
 
 TINY = """\
 version: 1
@@ -200,7 +201,7 @@ def test_torch_compile_O2(tiny, tmp_path):
 )
 def test_specs_torchvision_cannot_express(tmp_path, overrides):
     """Stems, layers and per-block settings beyond torchvision: shapes and parameters as inferred."""
-    from dnc.ir import ordered, output
+    from dnc.ir.graph import ordered, output
 
     module, _, graph = compile_tiny(tmp_path, *overrides)
     model = module.DenseNet()

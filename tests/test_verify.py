@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch", exc_type=ImportError)  # no torch: skip the
 
 from safetensors.torch import save_file  # noqa: E402  (needs torch)
 
-from dnc.reference import torchvision_densenet  # noqa: E402  (needs torch)
+from dnc.check.reference import torchvision_densenet  # noqa: E402  (needs torch)
 
 # A small network torchvision can express, so the tests stay quick on two cores.
 SMALL = """\
@@ -136,18 +136,19 @@ def test_verify_on_cuda(small):
 
 def test_verify_mismatch_exits_1(small, monkeypatch, tmp_path):
     """A generated model that computes something else fails verification with exit 1."""
-    import dnc.verify
+    import dnc.check.verify
+    import dnc.targets.torch.run
     from dnc.targets import TARGETS
 
     _, graph = build(small)
-    module = dnc.verify.load_generated(graph)
+    module = dnc.targets.torch.run.load_generated(graph)
 
     class Broken(module.DenseNet):
         def forward(self, x):
             return super().forward(x) * 1.001
 
-    monkeypatch.setattr(dnc.verify, "load_generated", lambda g: type("M", (), {"DenseNet": Broken}))
+    monkeypatch.setattr(dnc.targets.torch.run, "load_generated", lambda g: type("M", (), {"DenseNet": Broken}))
     spec, graph = build(small)
-    outcome = dnc.verify.verify(spec, graph, "small", target=TARGETS["torch"])
+    outcome = dnc.check.verify.verify(spec, graph, "small", target=TARGETS["torch"])
     assert not outcome.ok
     assert "MISMATCH" in outcome.line

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dnc.errors import DncWarning, WeightsError
-from dnc.ops import Init, Tensor
+from dnc.ir.ops import Init, Tensor
 from dnc.weights import read_checkpoint, seeded_state
 
 torch = pytest.importorskip("torch")

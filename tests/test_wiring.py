@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 from conftest import ROOT, import_file
 
-from dnc import emit_torch
 from dnc.errors import EmitError
-from dnc.infer import infer, state_dict_layout
-from dnc.ir import node, verify
-from dnc.loader import load_spec
-from dnc.lower import lower
-from dnc.pictures import picture
+from dnc.frontend.loader import load_spec
+from dnc.ir.graph import node, verify
+from dnc.ir.infer import infer, state_dict_layout
+from dnc.ir.lower import lower
+from dnc.reports.pictures import picture
+from dnc.targets.torch import emit as emit_torch
 from dnc.weights import seeded_state
 
 SPEC = ROOT / "specs" / "densenet_bc100_k12.yaml"
@@ -68,8 +68,8 @@ def run_both(graph, tmp_path):
     np = pytest.importorskip("numpy")
     torch = pytest.importorskip("torch")
     ort = pytest.importorskip("onnxruntime")
-    from dnc.emit_onnx import emit_onnx
-    from dnc.reference import to_torch
+    from dnc.targets.onnx.emit import emit_onnx
+    from dnc.weights import to_torch
 
     state = seeded_state(state_dict_layout(graph), seed=5)
     path = tmp_path / f"{graph.graph['name']}.py"
@@ -126,7 +126,7 @@ def test_a_concat_in_another_order_is_refused_naming_it():
 
 def test_onnx_follows_the_reversed_concat(tmp_path):
     onnx = pytest.importorskip("onnx")
-    from dnc.emit_onnx import emit_onnx
+    from dnc.targets.onnx.emit import emit_onnx
 
     graph = mutated(reverse_concat)
     model = emit_onnx(graph, seeded_state(state_dict_layout(graph)))
@@ -147,8 +147,8 @@ def test_the_picture_follows_the_wiring():
 def test_onnx_refuses_a_batch_norm_moved_into_the_next_layer():
     """fold_preact_bn is a torch pass: the ONNX emitter has no rule for its clamps and says so."""
     pytest.importorskip("onnx")
-    from dnc.emit_onnx import emit_onnx
-    from dnc.passes import fold_preact_bn
+    from dnc.ir.passes import fold_preact_bn
+    from dnc.targets.onnx.emit import emit_onnx
 
     graph = fold_preact_bn(infer(lowered()))
     with pytest.raises(EmitError, match=r"features.denseblock1.denselayer1.norm1: no ONNX rule for op 'bn_clamp'"):

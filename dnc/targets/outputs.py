@@ -29,7 +29,7 @@ import networkx as nx
 from dnc.errors import DncError, EmitError, Location
 from dnc.files import kind, open_regular
 from dnc.pipeline import build
-from dnc.provenance import RECORD_SCAN, read_record
+from dnc.targets.provenance import RECORD_SCAN, read_record
 
 TMP_MARK = ".dnc-tmp-"
 _TMP = re.compile(r"^\.(?P<name>.+)\.dnc-tmp-(?P<pid>[0-9]+)\.[0-9a-f]+$")

@@ -21,12 +21,12 @@ from typing import Any
 import networkx as nx
 
 from dnc.errors import DncError
-from dnc.infer import state_dict_shapes
-from dnc.ir import Node, inputs, ordered
-from dnc.loader import resolved_data
+from dnc.frontend.loader import resolved_data
+from dnc.frontend.revisions import materialised, relocate, split_revision
+from dnc.ir.graph import Node, inputs, ordered
+from dnc.ir.infer import state_dict_shapes
 from dnc.pipeline import build
-from dnc.revisions import materialised, relocate, split_revision
-from dnc.summary import StageRow, Summary, summarize
+from dnc.reports.summary import StageRow, Summary, summarize
 
 ABSENT = object()  # a field one side does not have (a block the other side lacks)
 STAGE_FIELDS = ("layers", "growth_rate", "input_shape", "output_shape", "params", "macs")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import networkx as nx
 
 from dnc.errors import ShapeError
-from dnc.ir import Node, Shape, Tensor, graph_input, input_nodes, ordered, replace_node, verify
-from dnc.ops import OPS, RuleError, param_count
+from dnc.ir.graph import Node, Shape, Tensor, graph_input, input_nodes, ordered, replace_node, verify
+from dnc.ir.ops import OPS, RuleError, param_count
 
 
 def infer(graph: nx.DiGraph) -> nx.DiGraph:

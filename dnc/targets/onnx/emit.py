@@ -32,9 +32,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dnc import __version__
 from dnc.errors import EmitError
-from dnc.infer import state_dict_layout
-from dnc.ir import Node, OpKind, graph_input, inputs, ordered, output
-from dnc.provenance import command, record
+from dnc.ir.graph import Node, OpKind, graph_input, inputs, ordered, output
+from dnc.ir.infer import state_dict_layout
+from dnc.targets.provenance import command, record
 from dnc.weights import network_state
 
 MIN_OPSET = 13  # from 13 on, each op emitted here means the same at inference in every opset
@@ -126,7 +126,7 @@ def emit_onnx(
         doc_string=f"{name}, compiled by dnc from {graph.graph.get('source') or 'a spec'}; inference mode",
     )
     rec = record(graph, "onnx", {k: v for k, v in (options or {}).items() if k != "opset"} | {"opset": opset})
-    props = {"dnc.spec": graph.graph.get("source", ""), "dnc.network": name, "dnc.regenerate": command(rec)}
+    props = {"dnc.frontend.spec": graph.graph.get("source", ""), "dnc.network": name, "dnc.regenerate": command(rec)}
     helper.set_model_props(model, props)
     return model
 

@@ -22,8 +22,7 @@ import networkx as nx
 
 from dnc.errors import DncError
 from dnc.files import size_text
-from dnc.infer import infer
-from dnc.ir import (
+from dnc.ir.graph import (
     BufferAttrs,
     ConvBNAttrs,
     Node,
@@ -37,7 +36,10 @@ from dnc.ir import (
     replace_node,
     takes_pre,
 )
-from dnc.pipeline import NamedPass
+from dnc.ir.infer import infer
+
+Pass = Callable[[nx.DiGraph], nx.DiGraph]
+NamedPass = tuple[str, Pass]  # what the pipeline runs: a name and an IR -> IR function
 
 LEVELS = (0, 1, 2)
 # batch_tile: the most bytes of features one tile of samples may hold. Every op is per sample in eval

@@ -13,8 +13,8 @@ import dataclasses
 import networkx as nx
 
 from dnc.files import size_text
-from dnc.infer import fmt_shape
-from dnc.ir import Node, UnitKind, graph_input, inputs, ordered, output
+from dnc.ir.graph import Node, UnitKind, graph_input, inputs, ordered, output
+from dnc.ir.infer import fmt_shape
 
 
 def ir_text(graph: nx.DiGraph) -> str:

@@ -6,8 +6,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from dnc.diff import Diff, verdict
-from dnc.diff_report import (
+from dnc.reports.diff import Diff, verdict
+from dnc.reports.diff_report import (
     SHOWN_KEY_GROUPS,
     STAGE_HEADER,
     checkpoint_line,
@@ -18,8 +18,8 @@ from dnc.diff_report import (
     stage_cells,
     totals,
 )
-from dnc.memory import OPTIMIZERS, TrainingMemory
-from dnc.summary import Summary
+from dnc.reports.memory import OPTIMIZERS, TrainingMemory
+from dnc.reports.summary import Summary
 from dnc.text import visible
 
 

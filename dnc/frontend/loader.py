@@ -32,7 +32,7 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from dnc.errors import DncWarning, Location, SpecError, SpecErrors
 from dnc.files import read_bounded, size_text, work_tree
-from dnc.spec import Path, RuleError, Spec
+from dnc.frontend.spec import Path, RuleError, Spec
 
 MAX_EXTENDS_DEPTH = 16
 MAX_SPEC_BYTES = 256 * 1024  # the zoo's largest spec is under 1 KiB

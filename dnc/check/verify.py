@@ -11,25 +11,21 @@ runs the emitted ONNX model on onnxruntime instead. Imports torch.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import networkx as nx
 import numpy as np
 import torch
 
-from dnc import emit_torch
+from dnc.check.reference import torchvision_densenet
 from dnc.errors import DncError
-from dnc.infer import state_dict_layout
-from dnc.ir import graph_input, ordered, output
-from dnc.reference import to_torch, torchvision_densenet
-from dnc.spec import Spec
+from dnc.frontend.spec import Spec
+from dnc.ir.graph import graph_input, ordered, output
+from dnc.ir.infer import state_dict_layout
 from dnc.targets import Target
-from dnc.weights import network_state
+from dnc.targets.torch.run import generated_model
+from dnc.weights import network_state, to_torch
 
 TOLERANCE = 1e-5
 
@@ -38,22 +34,6 @@ TOLERANCE = 1e-5
 class Outcome:
     ok: bool
     line: str
-
-
-def load_generated(graph: nx.DiGraph) -> ModuleType:
-    """Emit the torch source of `graph`, write it to a temporary file and import it as a module."""
-    name = graph.graph["name"]
-    with tempfile.TemporaryDirectory(prefix="dnc-verify-") as tmp:
-        path = Path(tmp) / f"{name}.py"
-        path.write_text(emit_torch.emit(graph))
-        spec = importlib.util.spec_from_file_location(f"dnc_generated_{name}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # as a normal import would, while it runs
-        try:
-            spec.loader.exec_module(module)
-        finally:
-            sys.modules.pop(spec.name, None)
-    return module
 
 
 def check_device(device: str) -> torch.device:
@@ -84,7 +64,7 @@ def verify(
     state = network_state(state_dict_layout(graph), weights, seed)
     how = f"seeded weights (seed {seed})" if weights is None else f"weights {weights}"
     tensors = to_torch(state)
-    generated = _generated_model(graph, tensors, dev)
+    generated = generated_model(graph, tensors, dev)
     shape = (batch, *graph_input(graph).shape)
     x = torch.from_numpy(np.random.default_rng(seed).standard_normal(shape).astype(np.float32)).to(dev)
     try:
@@ -120,31 +100,6 @@ def _full_float32():
         yield
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
-
-
-def _generated_model(graph: nx.DiGraph, tensors: dict, dev: torch.device) -> torch.nn.Module:
-    model = load_generated(graph).DenseNet()
-    model.load_state_dict(tensors, strict=True)
-    return model.to(dev).eval()
-
-
-def run_torch(graph: nx.DiGraph, state: dict, x: torch.Tensor, device: str) -> np.ndarray:
-    """The torch target's runner: what `dnc compile --target torch` emits, with these weights, in eval mode."""
-    with torch.no_grad():
-        return _generated_model(graph, to_torch(state), x.device)(x).cpu().numpy()
-
-
-def run_onnx(graph: nx.DiGraph, state: dict, x: torch.Tensor, device: str) -> np.ndarray:
-    """What `dnc compile --target onnx` emits for these weights, run on onnxruntime."""
-    import onnxruntime as ort
-
-    from dnc.emit_onnx import INPUT_NAME, emit_onnx
-
-    provider = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
-    if provider not in ort.get_available_providers():
-        raise DncError(f"--device {device}: onnxruntime here has no {provider}")
-    session = ort.InferenceSession(emit_onnx(graph, state).SerializeToString(), providers=[provider])
-    return session.run(None, {INPUT_NAME: x.cpu().numpy()})[0]
 
 
 def _check_inference(model: torch.nn.Module, out: torch.Tensor, graph: nx.DiGraph, batch: int, head: str) -> Outcome:

@@ -33,7 +33,7 @@ import networkx as nx
 
 from dnc.errors import EmitError
 from dnc.files import size_text
-from dnc.ir import (
+from dnc.ir.graph import (
     BatchNormAttrs,
     ConvAttrs,
     Node,
@@ -48,9 +48,9 @@ from dnc.ir import (
     unit_output,
     units,
 )
+from dnc.ir.ops import OLD_KEY_PATTERN
 from dnc.jinja import environment
-from dnc.ops import OLD_KEY_PATTERN
-from dnc.provenance import header_lines
+from dnc.targets.provenance import header_lines
 
 SUFFIX = ".py"
 TEMPLATE = "torch/model.py.j2"

@@ -20,7 +20,7 @@ from enum import StrEnum
 import networkx as nx
 
 from dnc.errors import Location
-from dnc.ops import (  # noqa: F401 (re-exported: the IR's vocabulary)
+from dnc.ir.ops import (  # noqa: F401 (re-exported: the IR's vocabulary)
     OPS,
     Attrs,
     BatchNormAttrs,

@@ -54,10 +54,10 @@ class Target:
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
-        Target("torch", "dnc.emit_torch", ".py", Path("generated"), runner="dnc.verify:run_torch"),
+        Target("torch", "dnc.targets.torch.emit", ".py", Path("generated"), runner="dnc.targets.torch.run:run_torch"),
         Target(
             "onnx",
-            "dnc.emit_onnx",
+            "dnc.targets.onnx.emit",
             ".onnx",
             Path("build/onnx"),
             # NOTE: the opset range and default are emit_onnx's (not imported here: onnx is slow to load); a test checks
@@ -71,7 +71,7 @@ TARGETS: dict[str, Target] = {
                 Option("opset", int, None, "ONNX opset, 13 to 28 [default: 17].", "N"),
                 Option("seed", int, None, "Seed of the random weights when no --weights [default: 0].", minimum=0),
             ),
-            runner="dnc.verify:run_onnx",
+            runner="dnc.targets.onnx.run:run_onnx",
             inference_only=True,
             default_level=2,  # inference-only anyway: every ONNX pass holds
         ),

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import networkx as nx
 
-from dnc.ir import (
+from dnc.ir.graph import (
     OpKind,
     Shape,
     UnitKind,

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import networkx as nx
 
-from dnc.ir import Node, OpKind, UnitKind, input_nodes, ordered
+from dnc.ir.graph import Node, OpKind, UnitKind, input_nodes, ordered
 
 FLOAT = 4  # bytes of a float32
 INDEX = 8  # bytes of an int64 max-pool index

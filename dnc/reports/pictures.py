@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 
 from dnc.errors import DncError
-from dnc.ir import Node, OpKind, UnitKind, growth, inputs, node, ordered, output
+from dnc.ir.graph import Node, OpKind, UnitKind, growth, inputs, node, ordered, output
 from dnc.jinja import environment
 from dnc.text import visible
 

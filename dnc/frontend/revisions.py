@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dnc.errors import DncError, Location, SpecError
 from dnc.files import size_text
-from dnc.loader import MAX_EXTENDS_DEPTH, MAX_SPEC_BYTES, parse_yaml
+from dnc.frontend.loader import MAX_EXTENDS_DEPTH, MAX_SPEC_BYTES, parse_yaml
 
 _OBJECT = re.compile(r"^(?P<oid>[0-9a-f]{40,64}) (?P<type>\w+) (?P<size>[0-9]+)$")
 

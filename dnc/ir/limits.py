@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
 from dnc.errors import DncError, LimitError, ShapeError
-from dnc.spec import Spec
+from dnc.frontend.spec import Spec
 
 _VALUE = re.compile(r"[0-9][0-9_]*")
 
@@ -100,7 +100,7 @@ def estimate_network(spec: Spec, limits: Limits = Limits()) -> Estimate:
 
     Channel counts are checked against `limits.channels` as they grow, block by block.
     """
-    from dnc.lower import transition_channels  # the one place the floor(theta * m) rule lives
+    from dnc.ir.lower import transition_channels  # the one place the floor(theta * m) rule lives
 
     h, w = spec.input.size
     c_in, stem = spec.input.channels, spec.stem

@@ -15,7 +15,8 @@ from fractions import Fraction
 
 import networkx as nx
 
-from dnc.ir import (
+from dnc.frontend.spec import ResolvedBlock, Spec
+from dnc.ir.graph import (
     BatchNormAttrs,
     Builder,
     ConvAttrs,
@@ -28,7 +29,6 @@ from dnc.ir import (
     Unit,
     UnitKind,
 )
-from dnc.spec import ResolvedBlock, Spec
 
 FEATURES = "features"
 

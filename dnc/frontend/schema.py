@@ -8,7 +8,7 @@ another may leave out anything its base gives (`input`, `growth_rate`, `blocks`,
 
 from __future__ import annotations
 
-from dnc.spec import SPEC_VERSION, Spec
+from dnc.frontend.spec import SPEC_VERSION, Spec
 
 # required of a spec that extends nothing: what Spec requires (name defaults to the file's)
 STANDALONE_REQUIRED = ("input", "growth_rate", "blocks")

@@ -11,30 +11,18 @@ it can never end the comment.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 from pathlib import Path
 
 import networkx as nx
 
-from dnc.files import work_tree
 from dnc.text import comment_safe
 
 RECORD_PREFIX = "# dnc-record: "
 _RECORD = re.compile(r"^# dnc-record: (\{.*\})(?:  # noqa: E501)?$", re.MULTILINE)
 LINE_LENGTH = 120  # ruff's line length for generated files
 RECORD_SCAN = 4096  # the record sits in the header: never read a file further than this for it
-
-
-def spec_reference(path: str | Path) -> str:
-    """The spec path relative to the enclosing git work tree, else relative to the working directory."""
-    absolute = Path(os.path.abspath(path))
-    root = work_tree(absolute.parent)
-    if root is not None:
-        return absolute.relative_to(root).as_posix()
-    relative = os.path.relpath(absolute)
-    return Path(relative).as_posix() if not relative.startswith("..") else absolute.as_posix()
 
 
 def record(graph: nx.DiGraph, target: str, options: dict) -> dict:

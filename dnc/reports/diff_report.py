@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from dnc.diff import ABSENT, STAGE_FIELDS, Checkpoint, Diff, FieldChange, Side, StageChange, verdict
-from dnc.ir import UnitKind
-from dnc.summary import StageRow
+from dnc.ir.graph import UnitKind
+from dnc.reports.diff import ABSENT, STAGE_FIELDS, Checkpoint, Diff, FieldChange, Side, StageChange, verdict
+from dnc.reports.summary import StageRow
 from dnc.text import markdown_code, markdown_text
 
 SHOWN_KEY_GROUPS = 12  # key groups listed per kind in text and markdown (JSON lists every key)

@@ -5,12 +5,10 @@ Used by `dnc verify` and by the parity tests. Imports torch and torchvision.
 
 from __future__ import annotations
 
-import numpy as np
-import torch
 from torchvision.models.densenet import DenseNet
 
 from dnc.errors import DncError
-from dnc.spec import Spec
+from dnc.frontend.spec import Spec
 
 
 def torchvision_densenet(spec: Spec) -> DenseNet:
@@ -40,8 +38,3 @@ def torchvision_densenet(spec: Spec) -> DenseNet:
         num_classes=spec.head.classes,
         memory_efficient=spec.memory_efficient,
     )
-
-
-def to_torch(state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """numpy state dict -> torch state dict (copies, so the arrays stay untouched)."""
-    return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in state.items()}

@@ -1,0 +1,1 @@
+"""What dnc tells a person about an IR: summary, training memory, diff, pictures, the IR as text, tables."""
