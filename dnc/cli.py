@@ -249,6 +249,7 @@ def validate(specs, overrides, policy):
 @report_errors
 def summary(spec, overrides, fmt, target, batch, opt_level, pass_, no_pass, policy):
     """Per-stage output shape, channels, parameters and MACs, with totals."""
+    from dnc.ir.graph import inference_only
     from dnc.reports.memory import training_memory
     from dnc.reports.summary import summarize
     from dnc.targets import target as find_target
@@ -256,7 +257,7 @@ def summary(spec, overrides, fmt, target, batch, opt_level, pass_, no_pass, poli
     t = find_target(target)
     _, graph = build(spec, overrides, passes=_passes(t, _pass_settings(t, opt_level, pass_, no_pass)), **policy)
     result = summarize(graph)
-    if batch and graph.graph.get("inference_only"):
+    if batch and inference_only(graph):
         raise DncError("--batch estimates training memory: choose -O0 or -O1 (what -O2 emits does not train)")
     memory = training_memory(graph, batch) if batch else None
     if fmt == "json":
@@ -434,11 +435,15 @@ def ir_(spec, overrides, target, opt_level, pass_, no_pass, policy):
 @main.command("passes")
 @report_errors
 def passes_():
-    """List the optimisation passes: name, -O level, targets, what each does."""
+    """List the optimisation passes: name, -O level, targets, what each does; rewrites, then settings."""
     from dnc.ir.passes import PASSES
 
-    for p in PASSES.values():
-        click.echo(f"{p.name:<14} -O{p.level}  {','.join(sorted(p.targets)):<11} {' '.join(p.doc.split())}")
+    kinds = {"rewrite": "rewrites (change nodes):", "setting": "settings (change how the whole network runs):"}
+    for kind, title in kinds.items():
+        click.echo(title)
+        for p in PASSES.values():
+            if p.kind == kind:
+                click.echo(f"  {p.name:<14} -O{p.level}  {','.join(sorted(p.targets)):<11} {' '.join(p.doc.split())}")
 
 
 @main.command()

@@ -64,7 +64,7 @@ class ReLU(nn.ReLU):
 class DenseLayer(nn.Module):
     """Dense layer: reads the concatenation of its block's features so far.
 
-    BN-ReLU-Conv(1x1) to `width`-BN-ReLU-Conv(3x3) to `growth`.
+    Batch norm, ReLU, 1x1 conv to `width` channels, batch norm, ReLU, 3x3 conv to `growth` channels.
     """
 
     def __init__(self, in_channels: int, width: int, growth: int) -> None:
@@ -108,7 +108,7 @@ class DenseLayer(nn.Module):
 class Transition(nn.Module):
     """Transition between dense blocks.
 
-    BN-ReLU-Conv(1x1) to `out_channels`-AvgPool(2x2/2).
+    Batch norm, ReLU, 1x1 conv to `out_channels` channels, 2x2 average pool.
     """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
@@ -259,11 +259,22 @@ class DenseNet(nn.Module):
     def forward_blocks(self, x: Tensor) -> list[Tensor]:
         """Each dense block's output (before its transition or norm5), like timm's features_only."""
         outputs: list[Tensor] = []
-        for i, module in enumerate(self.features):
-            if i <= 10:  # the position of the last dense block in `features`
-                x = module(x)
-                if i in [4, 6, 8, 10]:
-                    outputs.append(x)
+        features = self.features
+        x = features.conv0(x)
+        x = features.norm0(x)
+        x = features.relu0(x)
+        x = features.pool0(x)
+        x = features.denseblock1(x)  # (B, 256, 56, 56)
+        outputs.append(x)
+        x = features.transition1(x)
+        x = features.denseblock2(x)  # (B, 512, 28, 28)
+        outputs.append(x)
+        x = features.transition2(x)
+        x = features.denseblock3(x)  # (B, 1280, 14, 14)
+        outputs.append(x)
+        x = features.transition3(x)
+        x = features.denseblock4(x)  # (B, 1664, 7, 7)
+        outputs.append(x)
         return outputs
 
     def forward(self, x: Tensor) -> Tensor:

@@ -56,7 +56,7 @@ class ReLU(nn.ReLU):
 class PlainDenseLayer(nn.Module):
     """Dense layer: reads the concatenation of its block's features so far.
 
-    BN-ReLU-Conv(3x3) to `growth`.
+    Batch norm, ReLU, 3x3 conv to `growth` channels.
     """
 
     def __init__(self, in_channels: int, growth: int) -> None:
@@ -76,7 +76,7 @@ class PlainDenseLayer(nn.Module):
 class Transition(nn.Module):
     """Transition between dense blocks.
 
-    BN-ReLU-Conv(1x1) to `out_channels`-AvgPool(2x2/2).
+    Batch norm, ReLU, 1x1 conv to `out_channels` channels, 2x2 average pool.
     """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
@@ -105,7 +105,7 @@ class DenseBlock(nn.ModuleDict):
 
 
 class DenseNet(nn.Module):
-    """densenet40_k12. `memory_efficient` recomputes each bottleneck in backward (less memory, more time)."""
+    """densenet40_k12. `memory_efficient` does nothing here: no layer has a bottleneck to recompute."""
 
     def __init__(self, memory_efficient: bool = False) -> None:
         super().__init__()
@@ -172,11 +172,16 @@ class DenseNet(nn.Module):
     def forward_blocks(self, x: Tensor) -> list[Tensor]:
         """Each dense block's output (before its transition or norm5), like timm's features_only."""
         outputs: list[Tensor] = []
-        for i, module in enumerate(self.features):
-            if i <= 5:  # the position of the last dense block in `features`
-                x = module(x)
-                if i in [1, 3, 5]:
-                    outputs.append(x)
+        features = self.features
+        x = features.conv0(x)
+        x = features.denseblock1(x)  # (B, 160, 32, 32)
+        outputs.append(x)
+        x = features.transition1(x)
+        x = features.denseblock2(x)  # (B, 304, 16, 16)
+        outputs.append(x)
+        x = features.transition2(x)
+        x = features.denseblock3(x)  # (B, 448, 8, 8)
+        outputs.append(x)
         return outputs
 
     def forward(self, x: Tensor) -> Tensor:

@@ -22,9 +22,10 @@ from conftest import ALL_SPECS, ROOT, TORCHVISION_SPECS, import_file, run_dnc, s
 from dnc.check.reference import torchvision_densenet
 from dnc.errors import DncError
 from dnc.frontend.loader import load_spec
-from dnc.ir.graph import OpKind, ordered
+from dnc.ir.graph import OpKind, inference_only, ordered
 from dnc.ir.infer import state_dict_layout
 from dnc.ir.passes import PASSES, select
+from dnc.ir.settings import settings
 from dnc.pipeline import build
 from dnc.reports.ir_text import ir_text
 from dnc.targets.onnx.emit import emit_onnx
@@ -112,9 +113,9 @@ def test_each_pass_changes_the_ir_and_keeps_the_numbers(reference, name):
         counts = [_op_calls(m, x[:1], "aten::mkldnn_convolution") for m in (reference[0], model)]
         assert counts[1] - counts[0] == len(pointwise)
     elif name == "channels_last":
-        assert graph.graph["memory_format"] == "channels_last"
+        assert settings(graph).memory_format == "channels_last" and graph.nodes == graph0.nodes
     elif name == "batch_tile":
-        assert graph.graph["batch_tile_bytes"] > 0 and graph.graph["inference_only"]
+        assert settings(graph).batch_tile_bytes > 0 and inference_only(graph)
 
 
 def test_O1_keeps_training(reference):
@@ -283,6 +284,9 @@ def test_onnx_O2_folds_weights_and_matches(reference):
 def test_cli_levels():
     listed = run_dnc("passes")
     assert listed.returncode == 0 and all(name in listed.stdout for name in PASSES)
+    rewrites, settings_ = listed.stdout.split("settings (")
+    assert {p.name for p in PASSES.values() if p.kind == "setting"} == {"onednn_1x1", "batch_tile", "channels_last"}
+    assert all((name in settings_) == (PASSES[name].kind == "setting") for name in PASSES)
     o0 = run_dnc("summary", "specs/densenet121.yaml", "--format", "json")
     o2 = run_dnc("summary", "-O2", "specs/densenet121.yaml", "--format", "json")
     assert o0.returncode == o2.returncode == 0

@@ -71,7 +71,7 @@ def ruff(args: list[str], text: str) -> subprocess.CompletedProcess:
 
 
 def test_a_shape_comment_that_does_not_fit_goes_above_its_line():
-    code = emit_torch.Code(8)
+    code = emit_torch.Lines(8)
     code.add("x = 1", "(B, 3)")
     code.add("y = " + "1" * 100, "(B, 1024, 512, 1024)")
     assert code.text().splitlines() == [

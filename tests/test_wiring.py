@@ -1,8 +1,11 @@
-"""Emitters follow the IR's wiring: a mutated IR gives code that computes exactly that, or is refused.
+"""Emitters follow the IR's wiring: a mutated IR gives code that computes exactly that.
 
 Each mutation is made on the lowered IR, which is then inferred again. The torch
 target's output is checked numerically against the ONNX target's output for the same
 IR and the same weights; the ONNX emitter writes one node per IR node along its edges.
+A unit no pattern class matches gets graph-following code of its own, and a network
+that does not flow stage to stage is emitted as graph-following code whole: either way
+it computes what the IR says, trains and scripts.
 """
 
 from __future__ import annotations
@@ -45,6 +48,33 @@ def pool_before_conv(g):
         g.add_edge(conv, dst, port=port)
     a, b = node(g, conv), node(g, pool)  # creation order must stay a topological order
     g.nodes[conv]["node"], g.nodes[pool]["node"] = a.replace(order=b.order), b.replace(order=a.order)
+    return g
+
+
+def drop_concat_input(g):
+    """The concat of denselayer3 loses its second input (denselayer1's features); the ports are renumbered."""
+    cat = "features.denseblock1.denselayer3.cat"
+    g.remove_edge("features.denseblock1.denselayer1.conv2", cat)
+    for port, (_, _, data) in enumerate(sorted(g.in_edges(cat, data=True), key=lambda e: e[2]["port"])):
+        data["port"] = port
+    return g
+
+
+def reorder_block_output(g):
+    """The block returns its features with the last layer's first."""
+    cat = "features.denseblock1.cat"
+    edges = sorted(g.in_edges(cat, data=True), key=lambda e: e[2]["port"])
+    order = [edges[-1], *edges[:-1]]
+    for port, (_, _, data) in enumerate(order):
+        data["port"] = port
+    return g
+
+
+def skip_across_blocks(g):
+    """denselayer2 of the second block also reads denselayer1's bottleneck, which is not one of the block's
+    features: no layer of a block can be handed it, so the network is not laid out by stages any more."""
+    cat = "features.denseblock2.denselayer2.cat"
+    g.add_edge("features.denseblock2.denselayer1.conv1", cat, port=len(g.pred[cat]))
     return g
 
 
@@ -109,7 +139,7 @@ def test_pool_before_conv_is_emitted_in_that_order():
     forward = code[code.index("class Transition") :].split("def forward", 1)[1].split("return x", 1)[0]
     assert forward.index("self.pool(x)") < forward.index("self.conv(x)")
     # its MACs are a quarter of the conv's before: the docstring's total says so
-    assert "BN-ReLU-AvgPool(2x2/2)-Conv(1x1) to `out_channels`." in code
+    assert "Batch norm, ReLU, 2x2 average pool, 1x1 conv to `out_channels` channels." in code
 
 
 def test_a_dropped_batchnorm_gets_its_own_layer_class():
@@ -118,10 +148,46 @@ def test_a_dropped_batchnorm_gets_its_own_layer_class():
     assert "self.norm2" not in code.split("class DenseLayer2", 1)[1].split("class ", 1)[0]
 
 
-def test_a_concat_in_another_order_is_refused_naming_it():
-    graph = mutated(reverse_concat)
-    with pytest.raises(EmitError, match=r"features.denseblock1.denselayer3.cat concatenates \[.*\]; this target"):
-        emit_torch.emit(graph)
+GRAPH_CODE = [reverse_concat, drop_concat_input, reorder_block_output]
+
+
+@pytest.mark.parametrize("mutation", GRAPH_CODE, ids=["reversed concat", "dropped input", "block output reordered"])
+def test_a_unit_no_pattern_matches_gets_graph_code_that_computes_the_ir(mutation, tmp_path):
+    graph = mutated(mutation)
+    code = emit_torch.emit(graph)
+    assert "Graph(" in code and "class DenseLayer(" in code  # the other layers keep their pattern class
+    got, want = run_both(graph, tmp_path)
+    assert rel_error(got, want) <= 1e-5
+
+
+def test_a_network_that_does_not_flow_by_stages_is_emitted_as_graph_code(tmp_path):
+    graph = mutated(skip_across_blocks)
+    code = emit_torch.emit(graph)
+    assert "self.features = features = nn.Module()" in code and "class DenseLayer(" not in code
+    got, want = run_both(graph, tmp_path)
+    assert rel_error(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("mutation", [reverse_concat, skip_across_blocks], ids=["unit", "whole network"])
+def test_graph_code_keeps_the_state_dict_trains_and_scripts(mutation, tmp_path):
+    torch = pytest.importorskip("torch")
+    from dnc.weights import to_torch
+
+    graph = mutated(mutation)
+    path = tmp_path / "net.py"
+    path.write_text(emit_torch.emit(graph))
+    model = import_file(path, f"graph_code_{tmp_path.name}").DenseNet()
+    layout = state_dict_layout(graph)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {k: t.shape for k, t in layout.items()}
+    model.load_state_dict(to_torch(seeded_state(layout, seed=1)), strict=True)
+    x = torch.randn(2, *node(graph, "input").shape)
+    model.train()(x).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    model.eval()
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), model(x), rtol=1e-5, atol=1e-6)
+        assert len(scripted.forward_blocks(x)) == len(model.forward_blocks(x)) == 2
 
 
 def test_onnx_follows_the_reversed_concat(tmp_path):

@@ -37,6 +37,7 @@ from dnc.ir.ops import (  # noqa: F401 (re-exported: the IR's vocabulary)
     Tensor,
     tensor_key,
 )
+from dnc.ir.settings import settings
 
 
 class UnitKind(StrEnum):
@@ -174,6 +175,12 @@ def output(graph: nx.DiGraph) -> Node:
     if len(sinks) != 1:
         raise IRError(f"expected one output node, found {sorted(sinks)}")
     return node(graph, sinks[0])
+
+
+def inference_only(graph: nx.DiGraph) -> list[str]:
+    """Why the network computes what it says in eval mode only, in words (eval-only ops and settings); [] if not."""
+    ops = {OPS[n.op].eval_only for n in ordered(graph)} - {""}
+    return sorted(ops) + ([settings(graph).eval_only] if settings(graph).eval_only else [])
 
 
 def commutes_with_affine(n: Node) -> bool:

@@ -2,9 +2,13 @@
 
 A spec is a few numbers, and a few numbers can ask for 10^20 layers or a 2.6 TiB
 weight tensor: lowering would hang, seeded weights would exhaust memory. So before
-lowering, `check_limits` bounds every count a spec sets and estimates parameters
-and MACs in closed form (sums over a block's layers are arithmetic series), which
-costs the same for 10^20 layers as for 6.
+lowering, `check_limits` bounds every count a spec sets and estimates parameters,
+MACs and the activations training keeps in closed form, which costs the same for
+10^20 layers as for 6. The formulas are the op table's (`OPS[op].shape`, `.tensors`,
+`.macs`, `.saves`) applied to the chains lowering builds (`lower.stem_chain`,
+`layer_chain`, ...): a dense layer's costs are affine in the channels it reads, so a
+block's sum is an arithmetic series taken from two evaluations (checked on a third).
+`tests/test_limits.py` shows the estimates equal the sums over the built IR.
 
 The defaults fit every real DenseNet with room to spare: the zoo's largest have
 64 layers in a block (DenseNet-264), 130 layers in all, 2,688 channels, 33M
@@ -15,13 +19,17 @@ time to build: a dense block's concatenations grow with the square of its layers
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
 from dnc.errors import DncError, LimitError, ShapeError
 from dnc.frontend.spec import Spec
+from dnc.ir.lower import Step, head_chain, layer_chain, stem_chain, transition_chain, transition_channels
+from dnc.ir.ops import OPS, RuleError, Shape, param_count
 
+FLOAT_BYTES = 4  # the estimate is of a float32 step
 _VALUE = re.compile(r"[0-9][0-9_]*")
 
 
@@ -58,6 +66,7 @@ class Estimate:
     layers: int
     params: int
     macs: int
+    activations: int  # bytes per sample a float32 training step keeps for backward (as dnc/reports/memory.py counts)
 
 
 def check_limits(spec: Spec, limits: Limits = Limits()) -> Estimate:
@@ -96,66 +105,96 @@ def check_limits(spec: Spec, limits: Limits = Limits()) -> Estimate:
 
 
 def estimate_network(spec: Spec, limits: Limits = Limits()) -> Estimate:
-    """Parameters and MACs in closed form (exact for the layers; spatial sizes floored as torch does).
+    """Parameters, MACs and kept activations in closed form, from the op table and lowering's chains.
 
-    Channel counts are checked against `limits.channels` as they grow, block by block.
+    Channel counts are checked against `limits.channels` as they grow, block by block. Where a feature map
+    would shrink to nothing the estimate stops there (inference names the stage that does it).
     """
-    from dnc.ir.lower import transition_channels  # the one place the floor(theta * m) rule lives
-
-    h, w = spec.input.size
-    c_in, stem = spec.input.channels, spec.stem
-    params = macs = 0
-    if stem.kind == "cifar":
-        params += 9 * c_in * stem.width
-        macs += 9 * c_in * stem.width * h * w
-    else:
-        if stem.kind == "imagenet":
-            h, w = _out(h, 7, 2, 3), _out(w, 7, 2, 3)
-            conv = 49 * c_in * stem.width
-            params, macs = conv + 2 * stem.width, conv * h * w
-        else:
-            mid = stem.mid_width or stem.width
-            h, w = _out(h, 3, 2, 1), _out(w, 3, 2, 1)
-            convs = 9 * (c_in * mid + mid * mid + mid * stem.width)
-            params, macs = convs + 2 * (2 * mid + stem.width), convs * h * w
-        h, w = _out(h, 3, 2, 1), _out(w, 3, 2, 1)
-    channels = stem.width
     blocks = spec.resolved_blocks()
-    for i, b in enumerate(blocks):
-        n, k = b.layers, b.growth_rate
-        inputs = n * channels + k * n * (n - 1) // 2  # channels into all layers: an arithmetic series
-        if b.bn_size is None:
-            params += 2 * inputs + 9 * k * inputs
-            macs += 9 * k * inputs * h * w
-        else:
-            mid = b.bn_size * k
-            params += 2 * inputs + mid * inputs + n * (2 * mid + 9 * mid * k)
-            macs += (mid * inputs + n * 9 * mid * k) * h * w
-        channels += n * k
-        if channels > limits.channels:
-            raise LimitError(
-                f"blocks.{i}: the block ends with {channels:,} channels, over the channels limit of "
-                f"{limits.channels:,} (raise it with --limit channels=N)",
-                spec.locate("blocks", i),
-            )
-        if i < len(blocks) - 1:
-            out = transition_channels(channels, b.compression)
-            if out < 1:  # NOTE: inference rejects it too; here it is named before anything is built
-                own = "compression" in spec.blocks[i].model_fields_set
-                path = ("blocks", i, "compression") if own else ("compression",)
-                raise ShapeError(
-                    f"{'.'.join(map(str, path))}: the transition after block {i + 1} would keep "
-                    f"floor({b.compression} x {channels}) = 0 channels",
-                    spec.locate(*path),
+    every_conv = spec.dropout_at == "every_conv"
+    total = Cost()
+    shape: Shape = (spec.input.channels, *spec.input.size)
+    try:
+        shape = total.add_chain(stem_chain(spec), shape, network_input=True)
+        for i, b in enumerate(blocks):
+            shape = total.add_block(layer_chain(b, every_conv), shape, b.layers)
+            if shape[0] > limits.channels:
+                raise LimitError(
+                    f"blocks.{i}: the block ends with {shape[0]:,} channels, over the channels limit of "
+                    f"{limits.channels:,} (raise it with --limit channels=N)",
+                    spec.locate("blocks", i),
                 )
-            params += 2 * channels + channels * out
-            macs += channels * out * h * w
-            channels, h, w = out, max(1, h // 2), max(1, w // 2)
-    classes = spec.head.classes
-    params += 2 * channels + channels * classes + classes
-    macs += channels * classes
-    return Estimate(sum(b.layers for b in blocks), params, macs)
+            if i < len(blocks) - 1:
+                out = transition_channels(shape[0], b.compression)
+                if out < 1:  # NOTE: inference rejects it too; here it is named before anything is built
+                    own = "compression" in spec.blocks[i].model_fields_set
+                    path = ("blocks", i, "compression") if own else ("compression",)
+                    raise ShapeError(
+                        f"{'.'.join(map(str, path))}: the transition after block {i + 1} would keep "
+                        f"floor({b.compression} x {shape[0]}) = 0 channels",
+                        spec.locate(*path),
+                    )
+                shape = total.add_chain(transition_chain(b, out, every_conv), shape)
+        total.add_chain(head_chain(spec), shape)
+    except RuleError:
+        pass  # a map shrinks to nothing: inference refuses the spec, naming the stage
+    return Estimate(sum(b.layers for b in blocks), total.params, total.macs, total.activations)
 
 
-def _out(size: int, kernel: int, stride: int, padding: int) -> int:
-    return max(1, (size + 2 * padding - kernel) // stride + 1)
+@dataclass
+class Cost:
+    """Running totals of what the op table says the ops of some chains cost."""
+
+    params: int = 0
+    macs: int = 0
+    activations: int = 0  # bytes per sample kept for backward, float32
+
+    def add_chain(self, chain: list[Step], shape: Shape, network_input: bool = False) -> Shape:
+        """Add a chain's costs for an input of `shape`; return its output shape. The network's input is not kept by
+        training (it exists anyway), so a chain that reads it does not count it."""
+        params, macs, kept, out = chain_cost(chain, shape, count_input=not network_input)
+        self.params, self.macs, self.activations = self.params + params, self.macs + macs, self.activations + kept
+        return out
+
+    def add_block(self, chain: list[Step], shape: Shape, layers: int) -> Shape:
+        """Add `layers` dense layers, layer j reading the block input and the j-1 layers before it."""
+        first = chain_cost(chain, shape)
+        growth = first[3][0]
+        second = chain_cost(chain, (shape[0] + growth, *shape[1:]))
+        third = chain_cost(chain, (shape[0] + 2 * growth, *shape[1:]))
+        steps = [b - a for a, b in zip(first[:3], second[:3], strict=True)]
+        assert steps == [c - b for b, c in zip(second[:3], third[:3], strict=True)], "a layer's cost is not affine"
+        # layer j costs first + (j - 1) * step: the sum over a block is an arithmetic series
+        series = layers * (layers - 1) // 2
+        params, macs, kept = (layers * f + series * d for f, d in zip(first[:3], steps, strict=True))
+        self.params, self.macs, self.activations = self.params + params, self.macs + macs, self.activations + kept
+        return (shape[0] + layers * growth, *first[3][1:])
+
+
+def chain_cost(chain: list[Step], shape: Shape, count_input: bool = True) -> tuple[int, int, int, Shape]:
+    """Parameters, MACs and bytes kept for backward (per sample, float32) of a chain of ops, and its output shape.
+
+    A tensor that several ops keep is counted once, as dnc/reports/memory.py counts it; the chain's input is
+    counted when an op of the chain keeps it (each chain reads a tensor of its own).
+    """
+    params = macs = 0
+    kept: dict[object, int] = {}
+    shapes = {-1: shape}
+    for i, (_, op, attrs) in enumerate(chain):
+        rule = OPS[op]
+        source = i - 1
+        while source >= 0 and OPS[chain[source][1]].view:  # a view's memory is its input's
+            source -= 1
+        out = rule.shape(attrs, [shapes[i - 1]])
+        shapes[i] = out
+        params += param_count(rule.tensors(attrs, [shapes[i - 1]]))
+        macs += rule.macs(attrs, [shapes[i - 1]], out)
+        for saved in rule.saves(attrs):
+            tensor = shapes[i - 1] if saved.of == "input" else out
+            key = (i, saved.tag) if saved.itemsize else (source if saved.of == "input" else i)
+            kept[key] = math.prod(tensor) * (saved.itemsize or FLOAT_BYTES)
+    if not count_input:
+        kept.pop(-1, None)
+    return params, macs, sum(kept.values()), shapes[len(chain) - 1]
+
+

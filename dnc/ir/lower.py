@@ -17,6 +17,7 @@ import networkx as nx
 
 from dnc.frontend.spec import ResolvedBlock, Spec
 from dnc.ir.graph import (
+    Attrs,
     BatchNormAttrs,
     Builder,
     ConvAttrs,
@@ -39,17 +40,25 @@ def lower(spec: Spec, source: str = "") -> nx.DiGraph:
     height, width = spec.input.size
     attrs = InputAttrs(spec.input.channels, height, width)
     x = b.add(("input",), OpKind.INPUT, attrs, Unit(UnitKind.INPUT), [], spec.locate("input"))
-    x, channels = _stem(b, spec, x), spec.stem.width
+    x = _add(b, (FEATURES,), stem_chain(spec), Unit(UnitKind.STEM), x, spec.locate("stem"))
+    channels = spec.stem.width
     blocks = spec.resolved_blocks()
     every_conv = spec.dropout_at == "every_conv"
     for i, block in enumerate(blocks, start=1):
         origin = spec.locate("blocks", i - 1)
-        x = _dense_block(b, i, block, x, every_conv, origin)
+        at = (FEATURES, f"denseblock{i}")
+        features = [x]  # the block input, then each layer's new features, in order
+        for j in range(1, block.layers + 1):
+            unit, layer = Unit(UnitKind.DENSE_LAYER, i, j), (*at, f"denselayer{j}")
+            h = features[0] if j == 1 else b.add((*layer, "cat"), OpKind.CONCAT, NoAttrs(), unit, features, origin)
+            features.append(_add(b, layer, layer_chain(block, every_conv), unit, h, origin))
+        x = b.add((*at, "cat"), OpKind.CONCAT, NoAttrs(), Unit(UnitKind.BLOCK_OUTPUT, i), features, origin)
         channels += block.layers * block.growth_rate
         if i < len(blocks):
             channels = transition_channels(channels, block.compression)
-            x = _transition(b, i, block, x, channels, every_conv, origin)
-    _head(b, spec, x)
+            chain = transition_chain(block, channels, every_conv)
+            x = _add(b, (FEATURES, f"transition{i}"), chain, Unit(UnitKind.TRANSITION, i), x, origin)
+    _add(b, (), head_chain(spec), Unit(UnitKind.HEAD), x, spec.locate("head"))
     return b.graph
 
 
@@ -58,75 +67,79 @@ def transition_channels(channels: int, compression: float) -> int:
     return int(Fraction(str(compression)) * channels)
 
 
-def _conv_unit(b: Builder, at: tuple[str, ...], suffix: str, unit: Unit, x: str, conv: ConvAttrs, origin) -> str:
+# -- the chains each unit is made of: lowering adds them to the graph; the limits evaluate them in closed form --
+
+Step = tuple[tuple[str, ...], OpKind, Attrs]  # the op's path below its unit's module, its kind, its attributes
+
+
+def _add(b: Builder, at: tuple[str, ...], chain: list[Step], unit: Unit, x: str, origin) -> str:
+    """Append a chain of ops, each reading the one before; return the last."""
+    for path, op, attrs in chain:
+        x = b.add((*at, *path), op, attrs, unit, [x], origin)
+    return x
+
+
+def _conv_unit(suffix: str, conv: ConvAttrs) -> list[Step]:
     """BN -> ReLU -> conv, torchvision's pre-activation order."""
-    x = b.add((*at, f"norm{suffix}"), OpKind.BATCHNORM, BatchNormAttrs(), unit, [x], origin)
-    x = b.add((*at, f"relu{suffix}"), OpKind.RELU, NoAttrs(), unit, [x], origin)
-    return b.add((*at, f"conv{suffix}"), OpKind.CONV, conv, unit, [x], origin)
+    return [
+        ((f"norm{suffix}",), OpKind.BATCHNORM, BatchNormAttrs()),
+        ((f"relu{suffix}",), OpKind.RELU, NoAttrs()),
+        ((f"conv{suffix}",), OpKind.CONV, conv),
+    ]
 
 
-def _dropout(b: Builder, path: tuple[str, ...], unit: Unit, x: str, rate: float, origin) -> str:
-    if rate == 0:
-        return x
-    return b.add(path, OpKind.DROPOUT, DropoutAttrs(rate), unit, [x], origin)
+def _dropout(name: str, rate: float) -> list[Step]:
+    return [((name,), OpKind.DROPOUT, DropoutAttrs(rate))] if rate else []
 
 
-def _stem(b: Builder, spec: Spec, x: str) -> str:
-    stem, origin, unit = spec.stem, spec.locate("stem"), Unit(UnitKind.STEM)
-
-    def add(name: str, op: OpKind, attrs, x: str) -> str:
-        return b.add((FEATURES, name), op, attrs, unit, [x], origin)
-
+def stem_chain(spec: Spec) -> list[Step]:
+    """The stem, below `features`."""
+    stem = spec.stem
     if stem.kind == "cifar":
-        return add("conv0", OpKind.CONV, ConvAttrs(stem.width, kernel=3, stride=1, padding=1), x)
+        return [(("conv0",), OpKind.CONV, ConvAttrs(stem.width, kernel=3, stride=1, padding=1))]
     if stem.kind == "imagenet":
-        x = add("conv0", OpKind.CONV, ConvAttrs(stem.width, 7, 2, 3), x)
-        x = add("norm0", OpKind.BATCHNORM, BatchNormAttrs(), x)
-        x = add("relu0", OpKind.RELU, NoAttrs(), x)
+        convs = [(stem.width, 7, 2, 3)]
     else:  # deep: three 3x3 convs, the first with stride 2 (timm's stem_type="deep")
         mid = stem.mid_width or stem.width
-        for i, (out, stride) in enumerate([(mid, 2), (mid, 1), (stem.width, 1)]):
-            x = add(f"conv{i}", OpKind.CONV, ConvAttrs(out, 3, stride, 1), x)
-            x = add(f"norm{i}", OpKind.BATCHNORM, BatchNormAttrs(), x)
-            x = add(f"relu{i}", OpKind.RELU, NoAttrs(), x)
-    return add("pool0", OpKind.MAXPOOL, PoolAttrs(3, 2, 1), x)
+        convs = [(mid, 3, 2, 1), (mid, 3, 1, 1), (stem.width, 3, 1, 1)]
+    chain: list[Step] = []
+    for i, (out, kernel, stride, padding) in enumerate(convs):
+        chain.append(((f"conv{i}",), OpKind.CONV, ConvAttrs(out, kernel, stride, padding)))
+        chain.append(((f"norm{i}",), OpKind.BATCHNORM, BatchNormAttrs()))
+        chain.append(((f"relu{i}",), OpKind.RELU, NoAttrs()))
+    return [*chain, (("pool0",), OpKind.MAXPOOL, PoolAttrs(3, 2, 1))]
 
 
-def _dense_block(b: Builder, i: int, block: ResolvedBlock, x: str, every_conv: bool, origin) -> str:
-    at = (FEATURES, f"denseblock{i}")
-    features = [x]  # the block input, then each layer's new features, in order
+def layer_chain(block: ResolvedBlock, every_conv: bool) -> list[Step]:
+    """A dense layer after the concatenation of its block's features, below the layer's module."""
     k = block.growth_rate
-    for j in range(1, block.layers + 1):
-        unit, layer = Unit(UnitKind.DENSE_LAYER, i, j), (*at, f"denselayer{j}")
-        h = features[0] if j == 1 else b.add((*layer, "cat"), OpKind.CONCAT, NoAttrs(), unit, features, origin)
-        if block.bn_size is None:  # plain DenseNet layer: BN-ReLU-Conv(3x3)
-            h = _conv_unit(b, layer, "1", unit, h, ConvAttrs(k, 3, 1, 1), origin)
-            h = _dropout(b, (*layer, "drop1"), unit, h, block.drop_rate, origin)
-        else:  # DenseNet-B layer: BN-ReLU-Conv(1x1, bn_size*k)-BN-ReLU-Conv(3x3, k)
-            h = _conv_unit(b, layer, "1", unit, h, ConvAttrs(block.bn_size * k, 1), origin)
-            if every_conv:
-                h = _dropout(b, (*layer, "drop1"), unit, h, block.drop_rate, origin)
-            h = _conv_unit(b, layer, "2", unit, h, ConvAttrs(k, 3, 1, 1), origin)
-            h = _dropout(b, (*layer, "drop2"), unit, h, block.drop_rate, origin)
-        features.append(h)
-    unit = Unit(UnitKind.BLOCK_OUTPUT, i)
-    return b.add((*at, "cat"), OpKind.CONCAT, NoAttrs(), unit, features, origin)
-
-
-def _transition(b: Builder, i: int, block: ResolvedBlock, x: str, out: int, every_conv: bool, origin) -> str:
-    unit, at = Unit(UnitKind.TRANSITION, i), (FEATURES, f"transition{i}")
-    x = b.add((*at, "norm"), OpKind.BATCHNORM, BatchNormAttrs(), unit, [x], origin)
-    x = b.add((*at, "relu"), OpKind.RELU, NoAttrs(), unit, [x], origin)
-    x = b.add((*at, "conv"), OpKind.CONV, ConvAttrs(out, 1), unit, [x], origin)
+    if block.bn_size is None:  # plain DenseNet layer: BN-ReLU-Conv(3x3)
+        return _conv_unit("1", ConvAttrs(k, 3, 1, 1)) + _dropout("drop1", block.drop_rate)
+    # DenseNet-B layer: BN-ReLU-Conv(1x1, bn_size*k)-BN-ReLU-Conv(3x3, k)
+    chain = _conv_unit("1", ConvAttrs(block.bn_size * k, 1))
     if every_conv:
-        x = _dropout(b, (*at, "drop"), unit, x, block.drop_rate, origin)
-    return b.add((*at, "pool"), OpKind.AVGPOOL, PoolAttrs(2, 2), unit, [x], origin)
+        chain += _dropout("drop1", block.drop_rate)
+    return chain + _conv_unit("2", ConvAttrs(k, 3, 1, 1)) + _dropout("drop2", block.drop_rate)
 
 
-def _head(b: Builder, spec: Spec, x: str) -> str:
-    origin, unit = spec.locate("head"), Unit(UnitKind.HEAD)
-    x = b.add((FEATURES, "norm5"), OpKind.BATCHNORM, BatchNormAttrs(), unit, [x], origin)
-    x = b.add((FEATURES, "relu5"), OpKind.RELU, NoAttrs(), unit, [x], origin)
-    x = b.add(("avgpool",), OpKind.GLOBAL_AVGPOOL, NoAttrs(), unit, [x], origin)
-    x = b.add(("flatten",), OpKind.FLATTEN, NoAttrs(), unit, [x], origin)
-    return b.add(("classifier",), OpKind.LINEAR, LinearAttrs(spec.head.classes), unit, [x], origin)
+def transition_chain(block: ResolvedBlock, out: int, every_conv: bool) -> list[Step]:
+    """The transition after `block`, compressing to `out` channels, below the transition's module."""
+    chain = [
+        (("norm",), OpKind.BATCHNORM, BatchNormAttrs()),
+        (("relu",), OpKind.RELU, NoAttrs()),
+        (("conv",), OpKind.CONV, ConvAttrs(out, 1)),
+    ]
+    if every_conv:
+        chain += _dropout("drop", block.drop_rate)
+    return [*chain, (("pool",), OpKind.AVGPOOL, PoolAttrs(2, 2))]
+
+
+def head_chain(spec: Spec) -> list[Step]:
+    """The head, from the network's root (its last batch norm and ReLU are in `features`)."""
+    return [
+        ((FEATURES, "norm5"), OpKind.BATCHNORM, BatchNormAttrs()),
+        ((FEATURES, "relu5"), OpKind.RELU, NoAttrs()),
+        (("avgpool",), OpKind.GLOBAL_AVGPOOL, NoAttrs()),
+        (("flatten",), OpKind.FLATTEN, NoAttrs()),
+        (("classifier",), OpKind.LINEAR, LinearAttrs(spec.head.classes)),
+    ]

@@ -2,10 +2,15 @@
 
 For each `OpKind`, `OPS` holds its attribute type, its arity, its shape rule, its
 parameter tensors (torch's names, shapes, how seeded weights fill them, whether an
-ONNX node reads them) and its MAC count. Inference, the state_dict layout, ONNX
-initializers, seeded weights and summaries all read this table; none of them knows
-an op's tensors or costs by itself. torchvision's naming (module paths from
-lowering, tensor names here, the old-checkpoint key pattern below) lives nowhere else.
+ONNX node reads them), its MAC count, what its backward keeps (`saves`), whether it
+holds only in eval mode, its words for documentation, and its form in each target:
+the torch modules or call that compute it (`TorchForm`) and its ONNX nodes
+(`onnx`). Inference, the verifier, the state_dict layout, both emitters, seeded
+weights, the limits, the memory estimate and summaries all read this table; none of
+them knows an op's tensors, costs or code by itself. Adding an op kind is one entry
+here (and its own code in the interpreter, which must stay independent). torchvision's
+naming (module paths from lowering, tensor names here, the old-checkpoint key pattern
+below) lives nowhere else.
 
 Shapes are per sample: (C, H, W) for feature maps, (F,) after flatten. MACs count the
 multiply-accumulates of convolutions and linear layers (torchvision's "GFLOPS"
@@ -175,12 +180,94 @@ class RuleError(Exception):
 
 
 @dataclass(frozen=True)
+class Saved:
+    """A tensor an op's backward keeps: its input or its output, or a companion of that size (indices, a mask)."""
+
+    of: str  # "input" or "output": the tensor, or the one whose size the companion has
+    itemsize: int = 0  # bytes per element of a companion tensor; 0: the tensor itself (the network's float type)
+    tag: str = ""  # names a companion (`indices`, `mask`), so that it is counted apart from the tensor
+
+
+# -- target forms: plain data the emitters render; no torch or onnx here -------------------------------
+
+
+@dataclass(frozen=True)
+class Code:
+    """A name the torch emitter writes as code, not as a literal: a constructor argument (`width`)."""
+
+    text: str
+
+
+Value = int | float | bool | str | tuple | Code  # a tuple is a module path, written as a dotted string
+
+
+@dataclass(frozen=True)
+class Arg:
+    """A constructor argument: positional when `name` is empty, else keyword, left out when it equals `default`."""
+
+    name: str
+    value: Value
+    default: object = None
+
+
+@dataclass(frozen=True)
+class Module:
+    """One torch module an op needs: its attribute name in the parent module, its class, its arguments."""
+
+    name: str
+    cls: str  # `nn.Conv2d`, or a class of the generated runtime (`BNClamp`)
+    args: tuple[Arg, ...] = ()
+
+
+@dataclass(frozen=True)
+class TorchContext:
+    """What a torch form depends on beyond the op's attributes."""
+
+    name: str  # the node's module name (`conv1`)
+    cin: int | Code  # input channels: a literal, or the constructor argument that holds them
+    cout: int | Code | None  # output channels of a conv, likewise
+    fresh: bool = False  # the input is a fresh tensor only this op reads (a ReLU may then work in place)
+    conv1x1: str = "torch"  # Settings.conv1x1: how 1x1 convs choose their kernel
+
+
+@dataclass(frozen=True)
+class TorchForm:
+    """How the torch target computes an op: modules called in order on the input, or a functional call."""
+
+    modules: Callable[[Attrs, TorchContext], tuple[Module, ...]] | None = None  # the first one is called
+    call: Callable[[Attrs, list[str]], str] | None = None  # code of the result from the inputs' code
+    fresh: bool = False  # returns a tensor of its own (not a view, not its input): a ReLU after it may work in place
+
+
+@dataclass(frozen=True)
+class OnnxNode:
+    """One ONNX node: its op type, input and output tensor names, node name and attributes (sorted)."""
+
+    op_type: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    name: str
+    attrs: tuple[tuple[str, object], ...] = ()
+
+
+# (attributes, input tensor names (the node's weights last), output name, node name, opset) -> the nodes
+OnnxForm = Callable[[Attrs, list[str], str, str, int], list[OnnxNode]]
+
+
+@dataclass(frozen=True)
 class OpDef:
     attrs: type
     arity: int | None  # inputs the op takes; None: one or more, in port order
     shape: Callable[[Attrs, list[Shape]], Shape]
     tensors: Callable[[Attrs, list[Shape]], list[Tensor]] = lambda attrs, shapes: []
     macs: Callable[[Attrs, list[Shape], Shape], int] = lambda attrs, shapes, out: 0
+    saves: Callable[[Attrs], tuple[Saved, ...]] = lambda attrs: ()  # what autograd keeps for its backward
+    eval_only: str = ""  # made by an eval-only pass: why it holds only in eval (the network then does not train)
+    view: bool = False  # its output is a view of its input: no memory of its own
+    # the op in plain words, for generated docstrings; `out` says where its output channels go (`to 128 channels`)
+    words: Callable[[Attrs, str], str] = lambda attrs, out: ""
+    torch: TorchForm | None = None  # None: the torch target has no form for it (the input, concats: structure)
+    onnx: OnnxForm | None = None  # None: the ONNX target refuses it by name
 
 
 def _feature_map(shapes: list[Shape]) -> Shape:
@@ -284,28 +371,267 @@ def _buffer_concat(a: BufferAttrs, shapes: list[Shape]) -> Shape:
     return shape
 
 
+# -- each op's forms ---------------------------------------------------------------------------------------
+
+_INPUT, _OUTPUT = (Saved("input"),), (Saved("output"),)
+
+
+def _conv_args(a: ConvAttrs, ctx: TorchContext) -> tuple[Arg, ...]:
+    return (
+        Arg("", ctx.cin),
+        Arg("", ctx.cout),
+        Arg("kernel_size", a.kernel),
+        Arg("stride", a.stride, 1),
+        Arg("padding", a.padding, 0),
+        Arg("bias", a.bias, True),
+    )
+
+
+def _conv_class(a: ConvAttrs, ctx: TorchContext, folded: bool) -> str:
+    """nn.Conv2d, or a runtime class: a folded conv (batch norms folded in), a 1x1 conv choosing its kernel."""
+    own_kernel = a.pointwise and ctx.conv1x1 != "torch"
+    if folded:
+        return "FoldedConv1x1" if own_kernel else "FoldedConv2d"
+    return "Conv1x1" if own_kernel else "nn.Conv2d"
+
+
+def _conv_modules(a: ConvAttrs, ctx: TorchContext) -> tuple[Module, ...]:
+    pre = (Arg("pre", a.pre, ()),)
+    return (Module(ctx.name, _conv_class(a, ctx, folded=bool(a.pre)), _conv_args(a, ctx) + pre),)
+
+
+def _conv_words(a: ConvAttrs, out: str) -> str:
+    extras = [f"stride {a.stride}"] * (a.stride > 1) + ["bias"] * a.bias
+    shown = f" ({', '.join(extras)})" if extras else ""
+    pre = ", applying the batch norm before it to its input" if a.pre else ""
+    return f"{a.kernel}x{a.kernel} conv{shown}{f' {out}' if out else ''}{pre}"
+
+
+def _window_attrs(kernel: int, stride: int, padding: int) -> tuple[tuple[str, object], ...]:
+    return (("kernel_shape", [kernel] * 2), ("pads", [padding] * 4), ("strides", [stride] * 2))
+
+
+def _conv_onnx(a: ConvAttrs, ins: list[str], out: str, name: str, opset: int) -> list[OnnxNode]:
+    return [OnnxNode("Conv", tuple(ins), (out,), name, _window_attrs(a.kernel, a.stride, a.padding))]
+
+
+def _bn_args(a: BatchNormAttrs, channels: int | Code) -> tuple[Arg, ...]:
+    return (Arg("", channels), Arg("eps", a.eps, 1e-5), Arg("momentum", a.momentum, 0.1))
+
+
+def _bn_onnx(a: BatchNormAttrs, ins: list[str], out: str, name: str, opset: int) -> list[OnnxNode]:
+    return [OnnxNode("BatchNormalization", tuple(ins), (out,), name, (("epsilon", a.eps),))]
+
+
+def _bn_form(cls: str) -> TorchForm:
+    return TorchForm(lambda a, ctx: (Module(ctx.name, cls, _bn_args(a, ctx.cin)),), fresh=True)
+
+
+def _conv_bn_modules(a: ConvBNAttrs, ctx: TorchContext) -> tuple[Module, ...]:
+    extra = (Arg("norm", a.norm, ""), Arg("pre", a.conv.pre, ()))
+    conv = Module(ctx.name, _conv_class(a.conv, ctx, folded=True), _conv_args(a.conv, ctx) + extra)
+    return conv, Module(a.norm, "FoldedBatchNorm2d", _bn_args(a.bn, ctx.cout))
+
+
+def conv_bn_fold(a: ConvBNAttrs, get: Callable[[str, str], object]) -> dict[str, object]:
+    """The weight and bias of the one conv that computes conv then batch norm (eval), from arrays `get(module,
+    name)` (module "" for the conv's own, `a.norm` for the batch norm's); the ONNX target names them
+    `<conv key>.folded_weight` and `.folded_bias`. Works on any array type with arithmetic (numpy in float64)."""
+    scale = get(a.norm, "weight") / (get(a.norm, "running_var") + a.bn.eps) ** 0.5
+    bias = get(a.norm, "bias") - get(a.norm, "running_mean") * scale
+    if a.conv.bias:
+        bias = bias + get("", "bias") * scale
+    return {"folded_weight": get("", "weight") * scale[:, None, None, None], "folded_bias": bias}
+
+
+def _pool_form(cls: str) -> TorchForm:
+    def modules(a: PoolAttrs, ctx: TorchContext) -> tuple[Module, ...]:
+        args = (Arg("kernel_size", a.kernel), Arg("stride", a.stride, a.kernel), Arg("padding", a.padding, 0))
+        return (Module(ctx.name, cls, args),)
+
+    return TorchForm(modules, fresh=True)
+
+
+def _pool_words(kind: str) -> Callable[[PoolAttrs, str], str]:
+    def words(a: PoolAttrs, out: str) -> str:
+        return f"{a.kernel}x{a.kernel} {kind} pool" + (f" (stride {a.stride})" if a.stride != a.kernel else "")
+
+    return words
+
+
+def _maxpool_onnx(a: PoolAttrs, ins: list[str], out: str, name: str, opset: int) -> list[OnnxNode]:
+    return [OnnxNode("MaxPool", tuple(ins), (out,), name, _window_attrs(a.kernel, a.stride, a.padding))]
+
+
+def _avgpool_onnx(a: PoolAttrs, ins: list[str], out: str, name: str, opset: int) -> list[OnnxNode]:
+    # torch's AvgPool2d counts padding in the divisor by default
+    attrs = (("count_include_pad", 1), *_window_attrs(a.kernel, a.stride, a.padding))
+    return [OnnxNode("AveragePool", tuple(ins), (out,), name, attrs)]
+
+
+def _concat_onnx(a: Attrs, ins: list[str], out: str, name: str, opset: int) -> list[OnnxNode]:
+    return [OnnxNode("Concat", tuple(ins), (out,), name, (("axis", 1),))]
+
+
+def _one(op_type: str, **attrs) -> OnnxForm:
+    return lambda a, ins, out, name, opset: [OnnxNode(op_type, tuple(ins), (out,), name, tuple(sorted(attrs.items())))]
+
+
+def _module_form(cls: str, *args: Arg) -> TorchForm:
+    return TorchForm(lambda a, ctx: (Module(ctx.name, cls, args),))
+
+
+def _linear_modules(a: LinearAttrs, ctx: TorchContext) -> tuple[Module, ...]:
+    args = (Arg("", ctx.cin), Arg("", a.out_features), Arg("bias", a.bias, True), Arg("pre", a.pre, ()))
+    return (Module(ctx.name, "FoldedLinear" if a.pre else "nn.Linear", args),)
+
+
+def _bn_relu_onnx(a: BatchNormAttrs, ins: list[str], out: str, name: str, opset: int) -> list[OnnxNode]:
+    return _bn_onnx(a, ins, f"{name}/bn", name, opset) + [OnnxNode("Relu", (f"{name}/bn",), (out,), f"{name}/relu")]
+
+
+def _dropout_call(a: DropoutAttrs, ins: list[str]) -> str:
+    return f"F.dropout({ins[0]}, p={a.rate!r}, training=self.training)"
+
+
 OPS: dict[OpKind, OpDef] = {
     OpKind.INPUT: OpDef(InputAttrs, 0, _input),
-    OpKind.CONV: OpDef(ConvAttrs, 1, lambda a, s: _windowed(a, s, a.out_channels), _conv_tensors, _conv_macs),
-    OpKind.BATCHNORM: OpDef(BatchNormAttrs, 1, lambda a, s: _feature_map(s), _batchnorm_tensors),
-    OpKind.RELU: OpDef(NoAttrs, 1, _same),
-    OpKind.MAXPOOL: OpDef(PoolAttrs, 1, lambda a, s: _windowed(a, s, s[0][0])),
-    OpKind.AVGPOOL: OpDef(PoolAttrs, 1, lambda a, s: _windowed(a, s, s[0][0])),
-    OpKind.CONCAT: OpDef(NoAttrs, None, _concat),
-    OpKind.DROPOUT: OpDef(DropoutAttrs, 1, _same),
-    OpKind.GLOBAL_AVGPOOL: OpDef(NoAttrs, 1, _global_avgpool),
-    OpKind.FLATTEN: OpDef(NoAttrs, 1, _flatten),
-    OpKind.LINEAR: OpDef(LinearAttrs, 1, _linear_shape, _linear_tensors, lambda a, s, out: a.out_features * s[0][0]),
+    OpKind.CONV: OpDef(
+        ConvAttrs,
+        1,
+        lambda a, s: _windowed(a, s, a.out_channels),
+        _conv_tensors,
+        _conv_macs,
+        saves=lambda a: _INPUT,
+        words=_conv_words,
+        torch=TorchForm(_conv_modules, fresh=True),
+        onnx=_conv_onnx,
+    ),
+    OpKind.BATCHNORM: OpDef(
+        BatchNormAttrs,
+        1,
+        lambda a, s: _feature_map(s),
+        _batchnorm_tensors,
+        saves=lambda a: _INPUT,
+        words=lambda a, out: "batch norm",
+        torch=_bn_form("nn.BatchNorm2d"),
+        onnx=_bn_onnx,
+    ),
+    OpKind.RELU: OpDef(
+        NoAttrs,
+        1,
+        _same,
+        saves=lambda a: _OUTPUT,  # generated ReLUs never work in place while autograd records
+        words=lambda a, out: "ReLU",
+        torch=TorchForm(lambda a, ctx: (Module(ctx.name, "ReLU" if ctx.fresh else "nn.ReLU"),)),
+        onnx=_one("Relu"),
+    ),
+    OpKind.MAXPOOL: OpDef(
+        PoolAttrs,
+        1,
+        lambda a, s: _windowed(a, s, s[0][0]),
+        saves=lambda a: (Saved("input"), Saved("output", 8, "indices")),  # int64 indices
+        words=_pool_words("max"),
+        torch=_pool_form("nn.MaxPool2d"),
+        onnx=_maxpool_onnx,
+    ),
+    OpKind.AVGPOOL: OpDef(
+        PoolAttrs,
+        1,
+        lambda a, s: _windowed(a, s, s[0][0]),
+        saves=lambda a: _INPUT,
+        words=_pool_words("average"),
+        torch=_pool_form("nn.AvgPool2d"),
+        onnx=_avgpool_onnx,
+    ),
+    OpKind.CONCAT: OpDef(
+        NoAttrs,
+        None,
+        _concat,
+        words=lambda a, out: "concatenation",
+        torch=TorchForm(call=lambda a, ins: f"torch.cat([{', '.join(ins)}], 1)"),
+        onnx=_concat_onnx,
+    ),
+    OpKind.DROPOUT: OpDef(
+        DropoutAttrs,
+        1,
+        _same,
+        saves=lambda a: (Saved("output", 1, "mask"),) if a.rate > 0 else (),  # a one-byte mask
+        words=lambda a, out: "dropout",
+        torch=TorchForm(call=_dropout_call),
+        onnx=lambda a, ins, out, name, opset: [],  # the identity at inference: its output is its input
+    ),
+    OpKind.GLOBAL_AVGPOOL: OpDef(
+        NoAttrs,
+        1,
+        _global_avgpool,
+        saves=lambda a: _INPUT,
+        words=lambda a, out: "global average pool",
+        torch=_module_form("nn.AdaptiveAvgPool2d", Arg("", 1)),
+        onnx=_one("GlobalAveragePool"),
+    ),
+    OpKind.FLATTEN: OpDef(
+        NoAttrs,
+        1,
+        _flatten,
+        view=True,
+        words=lambda a, out: "flatten",
+        torch=_module_form("nn.Flatten", Arg("", 1)),
+        onnx=_one("Flatten", axis=1),
+    ),
+    OpKind.LINEAR: OpDef(
+        LinearAttrs,
+        1,
+        _linear_shape,
+        _linear_tensors,
+        lambda a, s, out: a.out_features * s[0][0],
+        saves=lambda a: _INPUT,
+        words=lambda a, out: "linear layer" + (", applying the batch norm before it to its input" if a.pre else ""),
+        torch=TorchForm(_linear_modules, fresh=True),
+        onnx=_one("Gemm", transB=1),  # y = x W^T + b, W stored (out, in) as torch stores it
+    ),
     OpKind.CONV_BN: OpDef(
         ConvBNAttrs,
         1,
         lambda a, s: _windowed(a.conv, s, a.conv.out_channels),
         _conv_bn_tensors,
         lambda a, s, out: _conv_macs(a.conv, s, out),
+        eval_only="batch norms folded into convolutions",
+        words=lambda a, out: _conv_words(a.conv, out) + ", with the batch norm after it folded in",
+        torch=TorchForm(_conv_bn_modules, fresh=True),
+        onnx=lambda a, ins, out, name, opset: _conv_onnx(a.conv, ins, out, name, opset),
     ),
-    OpKind.BN_RELU: OpDef(BatchNormAttrs, 1, lambda a, s: _feature_map(s), _batchnorm_tensors),
-    OpKind.BN_CLAMP: OpDef(BatchNormAttrs, 1, lambda a, s: _feature_map(s), _batchnorm_tensors),
-    OpKind.BUFFER_CONCAT: OpDef(BufferAttrs, None, _buffer_concat),
+    OpKind.BN_RELU: OpDef(
+        BatchNormAttrs,
+        1,
+        lambda a, s: _feature_map(s),
+        _batchnorm_tensors,
+        eval_only="batch norm and ReLU fused",
+        words=lambda a, out: "batch norm and ReLU in one step",
+        torch=_bn_form("BNReLU"),
+        onnx=_bn_relu_onnx,
+    ),
+    OpKind.BN_CLAMP: OpDef(
+        BatchNormAttrs,
+        1,
+        lambda a, s: _feature_map(s),
+        _batchnorm_tensors,
+        eval_only="batch norms moved across ReLUs into the next layer",
+        words=lambda a, out: "batch norm and ReLU as a per-channel clamp (the next layer applies the scale and shift)",
+        torch=_bn_form("BNClamp"),
+        # NOTE: no ONNX form: a per-channel clamp is a Max with a broadcast bound, which onnxruntime runs outside
+        # its NCHWc kernels (README, Optimisation levels); the pass is the torch target's.
+    ),
+    OpKind.BUFFER_CONCAT: OpDef(
+        BufferAttrs,
+        None,
+        _buffer_concat,
+        # NOTE: autograd cannot train through it: every layer's saved input is a view of a buffer written later
+        eval_only="block buffers",
+        words=lambda a, out: "view of the block buffer",
+        torch=TorchForm(call=lambda a, ins: f"torch.cat([{', '.join(ins)}], 1)"),
+        onnx=_concat_onnx,
+    ),
 }
 
 

@@ -2,11 +2,14 @@
 
 Each pass is a pure function of an inferred IR that returns a new, re-inferred one
 (the pipeline verifies it), registered once in `PASSES` with its level, the targets
-it serves and one line on what it does:
+it serves, its kind and one line on what it does. A *rewrite* changes nodes; a
+*setting* changes only `Settings` (dnc/ir/settings.py), what applies to the whole
+network, and leaves every node as it was:
 
 - level 1 keeps training semantics and the state_dict layout: the output still trains;
-- level 2 adds rewrites that hold only in eval mode; they mark the graph
-  `inference_only`, and the torch emitter then writes a module that refuses training.
+- level 2 adds rewrites that hold only in eval mode: they make ops the op table marks
+  `eval_only` (or a setting that is), so the graph is inference-only
+  (`graph.inference_only`) and the torch emitter writes a module that refuses training.
 
 Every rewrite is exact algebra; none renames a state_dict key (a folded batch norm's
 tensors keep theirs, see `ops.Tensor.module`). No torch here.
@@ -37,6 +40,7 @@ from dnc.ir.graph import (
     takes_pre,
 )
 from dnc.ir.infer import infer
+from dnc.ir.settings import with_settings
 
 Pass = Callable[[nx.DiGraph], nx.DiGraph]
 NamedPass = tuple[str, Pass]  # what the pipeline runs: a name and an IR -> IR function
@@ -54,7 +58,8 @@ class PassInfo:
     level: int  # the lowest -O level that runs it
     targets: frozenset[str]
     doc: str
-    run: Callable[[nx.DiGraph], nx.DiGraph]  # sets graph.graph["inference_only"] where it holds only in eval
+    run: Callable[[nx.DiGraph], nx.DiGraph]
+    kind: str = "rewrite"  # "rewrite": changes nodes; "setting": changes only the graph's Settings
 
 
 def _sole_consumer(graph: nx.DiGraph, n: Node) -> Node | None:
@@ -105,7 +110,6 @@ def fold_conv_bn(graph: nx.DiGraph) -> nx.DiGraph:
         attrs = ConvBNAttrs(conv=n.attrs, norm=bn.name, bn=bn.attrs)
         _bypass(graph, bn, n)
         replace_node(graph, n.replace(op=OpKind.CONV_BN, attrs=attrs))
-    graph.graph["inference_only"] = True
     return infer(graph)
 
 
@@ -118,7 +122,6 @@ def fuse_bn_relu(graph: nx.DiGraph) -> nx.DiGraph:
             continue
         _bypass(graph, relu, n)
         replace_node(graph, n.replace(op=OpKind.BN_RELU))
-    graph.graph["inference_only"] = True
     return infer(graph)
 
 
@@ -145,7 +148,6 @@ def fold_preact_bn(graph: nx.DiGraph) -> nx.DiGraph:
         else:
             attrs = dataclasses.replace(target.attrs, pre=pre)
         replace_node(graph, target.replace(attrs=attrs))
-    graph.graph["inference_only"] = True
     return infer(graph)
 
 
@@ -171,7 +173,6 @@ def block_buffer(graph: nx.DiGraph) -> nx.DiGraph:
         total = (n if n.unit.kind is UnitKind.BLOCK_OUTPUT else _block_output(graph, n)).shape[0]
         replace_node(graph, n.replace(op=OpKind.BUFFER_CONCAT, attrs=BufferAttrs(total)))
     # NOTE: autograd cannot train through it: every layer's saved input is a view of a buffer written later
-    graph.graph["inference_only"] = True
     return infer(graph)
 
 
@@ -187,27 +188,20 @@ def _block_output(graph: nx.DiGraph, n: Node) -> Node:
 
 def batch_tile(graph: nx.DiGraph) -> nx.DiGraph:
     """Dense blocks and transitions run a few samples at a time: less memory, data nearer the caches."""
-    graph = graph.copy()
     # NOTE: exact only in eval mode: a training batch norm's statistics span the whole batch
-    graph.graph["batch_tile_bytes"] = TILE_BYTES
-    graph.graph["inference_only"] = True
-    return graph
+    return with_settings(graph, batch_tile_bytes=TILE_BYTES)
 
 
 def onednn_1x1(graph: nx.DiGraph) -> nx.DiGraph:
     """1x1 convolutions call oneDNN directly on the CPU in float32, where torch would pick a GEMM instead."""
-    graph = graph.copy()
     # NOTE: torch runs a 1x1 conv below batch 16 on one thread as an MKL GEMM (its heuristic: faster
     # single-threaded on the CPUs it was tuned on); oneDNN's AVX-512 kernel measured 1.4-2.3x faster here.
-    graph.graph["conv1x1"] = "onednn"
-    return graph
+    return with_settings(graph, conv1x1="onednn")
 
 
 def channels_last(graph: nx.DiGraph) -> nx.DiGraph:
     """Run in the channels_last memory format (NHWC): the input is converted once, inside forward."""
-    graph = graph.copy()
-    graph.graph["memory_format"] = "channels_last"
-    return graph
+    return with_settings(graph, memory_format="channels_last")
 
 
 _tile_doc = f"Dense blocks and transitions run as many samples at a time as {size_text(TILE_BYTES)} of features hold."
@@ -215,13 +209,13 @@ PASSES: dict[str, PassInfo] = {
     p.name: p
     for p in (
         PassInfo("pool_first", 1, frozenset({"torch", "onnx"}), pool_first.__doc__, pool_first),
-        PassInfo("onednn_1x1", 1, frozenset({"torch"}), onednn_1x1.__doc__, onednn_1x1),
+        PassInfo("onednn_1x1", 1, frozenset({"torch"}), onednn_1x1.__doc__, onednn_1x1, "setting"),
         PassInfo("fold_conv_bn", 2, frozenset({"torch", "onnx"}), fold_conv_bn.__doc__, fold_conv_bn),
         PassInfo("fuse_bn_relu", 2, frozenset({"torch", "onnx"}), fuse_bn_relu.__doc__, fuse_bn_relu),
         PassInfo("fold_preact_bn", 2, frozenset({"torch"}), fold_preact_bn.__doc__, fold_preact_bn),
         PassInfo("block_buffer", 2, frozenset({"torch"}), block_buffer.__doc__, block_buffer),
-        PassInfo("batch_tile", 2, frozenset({"torch"}), _tile_doc, batch_tile),
-        PassInfo("channels_last", 2, frozenset({"torch"}), channels_last.__doc__, channels_last),
+        PassInfo("batch_tile", 2, frozenset({"torch"}), _tile_doc, batch_tile, "setting"),
+        PassInfo("channels_last", 2, frozenset({"torch"}), channels_last.__doc__, channels_last, "setting"),
     )
 }
 

@@ -12,22 +12,17 @@ import dataclasses
 
 import networkx as nx
 
-from dnc.files import size_text
-from dnc.ir.graph import Node, UnitKind, graph_input, inputs, ordered, output
+from dnc.ir.graph import Node, UnitKind, graph_input, inference_only, inputs, ordered, output
 from dnc.ir.infer import fmt_shape
+from dnc.ir.settings import settings
 
 
 def ir_text(graph: nx.DiGraph) -> str:
     """The whole graph: a title line, then units and their nodes in order, then totals."""
     nodes = ordered(graph)
     first, last = graph_input(graph), output(graph)
-    # what passes decided for the whole network (dnc/passes.py); absent at -O0
-    notes = [graph.graph[k] for k in ("memory_format",) if graph.graph.get(k)]
-    if graph.graph.get("conv1x1"):
-        notes.append(f"1x1 convs on {graph.graph['conv1x1']}")
-    if graph.graph.get("batch_tile_bytes"):
-        notes.append(f"batch tiles of {size_text(graph.graph['batch_tile_bytes'])}")
-    notes += ["inference only"] if graph.graph.get("inference_only") else []
+    # what passes decided for the whole network (dnc/ir/settings.py); none at -O0
+    notes = settings(graph).notes() + (["inference only"] if inference_only(graph) else [])
     tail = "".join(f", {note}" for note in notes)
     lines = [f"graph {graph.graph.get('name', '?')} ({_shape(first)} -> {_shape(last)}){tail}:"]
     unit = None

@@ -1,13 +1,10 @@
 """Training memory of an inferred IR, estimated statically (no torch): what `dnc summary --batch N` shows.
 
 A training step keeps, until backward has used them, the tensors each op's backward
-needs, as PyTorch's autograd saves them for these ops:
-
-- conv, batchnorm (train mode), avgpool, global_avgpool, linear: their input;
-- relu: its output (ReLUs do not run in place in generated code);
-- maxpool: its input and int64 indices the size of its output;
-- dropout (drop rate > 0): a one-byte mask the size of its output;
-- concat and flatten: nothing (flatten's output is a view).
+needs, as PyTorch's autograd saves them; the op table says which (`OpDef.saves`: for
+example a conv its input, a ReLU its output, a max pool its input and int64 indices
+the size of its output, a dropout a one-byte mask; a flatten's output is a view of its
+input, `OpDef.view`).
 
 A tensor several ops save is counted once. With `memory_efficient`, each dense layer with a
 bottleneck recomputes its concat, norm1, relu1 and conv1 in backward (torch.utils.checkpoint):
@@ -28,12 +25,11 @@ from dataclasses import asdict, dataclass
 import networkx as nx
 
 from dnc.ir.graph import Node, OpKind, UnitKind, input_nodes, ordered
+from dnc.ir.ops import OPS
 
 FLOAT = 4  # bytes of a float32
-INDEX = 8  # bytes of an int64 max-pool index
-MASK = 1  # bytes of a bool dropout mask
+INDEX = 8  # bytes of an int64 counter (a batch norm's num_batches_tracked)
 
-SAVES_INPUT = {OpKind.CONV, OpKind.BATCHNORM, OpKind.AVGPOOL, OpKind.MAXPOOL, OpKind.GLOBAL_AVGPOOL, OpKind.LINEAR}
 OPTIMIZERS = {"sgd_momentum": ("SGD with momentum", 1), "adamw": ("AdamW", 2)}
 
 
@@ -128,14 +124,12 @@ def _saved(graph: nx.DiGraph, recompute: set[str]) -> dict[str, int]:
                 if src.scope not in recompute:
                     keep(_storage(graph, src), n, _numel(src) * FLOAT)
             continue
-        if n.op in SAVES_INPUT:
-            keep(_storage(graph, sources[0]), n, _numel(sources[0]) * FLOAT)
-        if n.op is OpKind.MAXPOOL:
-            keep(n, n, _numel(n) * INDEX, key=f"{n.scope}#indices")
-        if n.op is OpKind.RELU:
-            keep(n, n, _numel(n) * FLOAT)
-        if n.op is OpKind.DROPOUT and n.attrs.rate > 0:
-            keep(n, n, _numel(n) * MASK, key=f"{n.scope}#mask")
+        for saved in OPS[n.op].saves(n.attrs):
+            tensor = sources[0] if saved.of == "input" else n
+            if saved.itemsize:  # a companion the size of the tensor (indices, a mask), counted on its own
+                keep(n, n, _numel(tensor) * saved.itemsize, key=f"{n.scope}#{saved.tag}")
+            else:
+                keep(_storage(graph, tensor), n, _numel(tensor) * FLOAT)
     out: dict[str, int] = {}
     for key, scope in owner.items():
         out[scope] = out.get(scope, 0) + size[key]
@@ -143,8 +137,8 @@ def _saved(graph: nx.DiGraph, recompute: set[str]) -> dict[str, int]:
 
 
 def _storage(graph: nx.DiGraph, n: Node) -> Node:
-    """The node whose memory `n`'s output is: flatten is a view of its input."""
-    while n.op is OpKind.FLATTEN:
+    """The node whose memory `n`'s output is: a view's is its input's."""
+    while OPS[n.op].view:
         n = input_nodes(graph, n)[0]
     return n
 

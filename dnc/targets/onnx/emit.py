@@ -15,7 +15,7 @@ Choices, and why:
   "logits".
 - The IR version is the lowest that the chosen opset needs, so a model at an old
   opset also loads in an old runtime.
-- Pass outputs (dnc/passes.py): a conv with a folded batch norm is one Conv whose
+- Pass outputs (dnc/ir/passes.py): a conv with a folded batch norm is one Conv whose
   weight and bias are computed here from the checkpoint, named `<conv key>.folded_weight`
   and `<conv key>.folded_bias` (e.g. `features.conv0.folded_weight`); a fused BN+ReLU is
   BatchNormalization then Relu (`<norm key>/relu`); a block-buffer concat is a Concat.
@@ -34,6 +34,7 @@ from dnc import __version__
 from dnc.errors import EmitError
 from dnc.ir.graph import Node, OpKind, graph_input, inputs, ordered, output
 from dnc.ir.infer import state_dict_layout
+from dnc.ir.ops import OPS, OnnxNode, conv_bn_fold
 from dnc.targets.provenance import command, record
 from dnc.weights import network_state
 
@@ -86,22 +87,22 @@ def emit_onnx(
         if n.op is OpKind.INPUT:
             names[n.scope] = INPUT_NAME
             continue
-        if n.op is OpKind.DROPOUT:  # identity at inference
-            names[n.scope] = srcs[0]
-            continue
+        form = OPS[n.op].onnx
+        if form is None:
+            raise EmitError(f"{n.scope}: no ONNX rule for op '{n.op.value}'", n.origin)
         out = OUTPUT_NAME if graph.out_degree(n.scope) == 0 else n.scope
         if n.op is OpKind.CONV_BN:
             _check_weights(n, state)
-            weight, bias = _fold_conv_bn(n, state)
+            for suffix, value in conv_bn_fold(n.attrs, _getter(n, state)).items():
+                folded[f"{n.scope}.{suffix}"] = value
             params = [f"{n.scope}.folded_weight", f"{n.scope}.folded_bias"]
-            folded.update(zip(params, (weight, bias), strict=True))
         else:
             params = _param_keys(n)
-        if n.op is OpKind.BN_RELU:
-            nodes.append(_make(n, srcs + params, f"{n.scope}/bn"))
-            nodes.append(helper.make_node("Relu", [f"{n.scope}/bn"], [out], f"{n.scope}/relu"))
-        else:
-            nodes.append(_make(n, srcs + params, out))
+        made = [_node(spec) for spec in form(n.attrs, srcs + params, out, n.scope, opset)]
+        if not made:  # the identity at inference (dropout): its output is its input
+            names[n.scope] = srcs[0]
+            continue
+        nodes += made
         used += params
         names[n.scope] = out
 
@@ -137,14 +138,10 @@ def _check_weights(n: Node, state: Mapping[str, np.ndarray]) -> None:
         raise EmitError(f"no weights for {len(missing)} parameters (first: {missing[0]})")
 
 
-def _fold_conv_bn(n: Node, state: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """The weight and bias of one conv that computes conv then batch norm (eval), in float64 then float32."""
-    get = {t.name if not t.module else f"bn.{t.name}": np.asarray(state[n.key(t)], np.float64) for t in n.tensors}
-    scale = get["bn.weight"] / np.sqrt(get["bn.running_var"] + n.attrs.bn.eps)
-    bias = get["bn.bias"] - get["bn.running_mean"] * scale
-    if "bias" in get:
-        bias = bias + get["bias"] * scale
-    return (get["weight"] * scale[:, None, None, None]).astype(np.float32), bias.astype(np.float32)
+def _getter(n: Node, state: Mapping[str, np.ndarray]):
+    """(module, name) -> the float64 array of one of a node's tensors: "" is the node's own module."""
+    keys = {(t.module, t.name): n.key(t) for t in n.tensors}
+    return lambda module, name: np.asarray(state[keys[module, name]], np.float64)
 
 
 def _param_keys(n: Node) -> list[str]:
@@ -152,49 +149,8 @@ def _param_keys(n: Node) -> list[str]:
     return [n.key(t) for t in n.tensors if t.onnx]
 
 
-def _make(n: Node, ins: list[str], out: str) -> onnx.NodeProto:
-    a = n.attrs
-    make = helper.make_node
-    match n.op:
-        case OpKind.CONV | OpKind.CONV_BN:
-            a = a.conv if n.op is OpKind.CONV_BN else a
-            return make(
-                "Conv", ins, [out], n.scope, kernel_shape=[a.kernel] * 2, pads=[a.padding] * 4, strides=[a.stride] * 2
-            )
-        case OpKind.BATCHNORM | OpKind.BN_RELU:
-            return make("BatchNormalization", ins, [out], n.scope, epsilon=a.eps)
-        case OpKind.RELU:
-            return make("Relu", ins, [out], n.scope)
-        case OpKind.MAXPOOL:
-            return make(
-                "MaxPool",
-                ins,
-                [out],
-                n.scope,
-                kernel_shape=[a.kernel] * 2,
-                pads=[a.padding] * 4,
-                strides=[a.stride] * 2,
-            )
-        case OpKind.AVGPOOL:  # torch's AvgPool2d counts padding in the divisor by default
-            return make(
-                "AveragePool",
-                ins,
-                [out],
-                n.scope,
-                count_include_pad=1,
-                kernel_shape=[a.kernel] * 2,
-                pads=[a.padding] * 4,
-                strides=[a.stride] * 2,
-            )
-        case OpKind.CONCAT | OpKind.BUFFER_CONCAT:
-            return make("Concat", ins, [out], n.scope, axis=1)
-        case OpKind.GLOBAL_AVGPOOL:
-            return make("GlobalAveragePool", ins, [out], n.scope)
-        case OpKind.FLATTEN:
-            return make("Flatten", ins, [out], n.scope, axis=1)
-        case OpKind.LINEAR:  # y = x W^T + b, W stored (out, in) as torch stores it
-            return make("Gemm", ins, [out], n.scope, transB=1)
-    raise EmitError(f"{n.scope}: no ONNX rule for op '{n.op.value}'", n.origin)
+def _node(spec: OnnxNode) -> onnx.NodeProto:
+    return helper.make_node(spec.op_type, list(spec.inputs), list(spec.outputs), spec.name, **dict(spec.attrs))
 
 
 def emit(graph: nx.DiGraph, options: dict | None = None) -> bytes:

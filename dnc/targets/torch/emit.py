@@ -1,22 +1,30 @@
 """Emit stage, torch target: inferred IR -> the source of one standalone PyTorch module.
 
-The emitter follows the wiring. It walks the IR unit by unit (ir.units) and matches
-each unit's subgraph along its edges:
+The emitter follows the wiring. It walks the IR unit by unit (ir.graph.units) and
+matches each unit's subgraph along its edges:
 
 - the stem and the head are chains of modules, emitted in chain order;
 - a dense layer is a chain behind the concatenation of its block's features, a
   transition a chain behind its block's output; each becomes an instance of a class
   generated from that chain, one class per distinct chain (ops, their order and
   attributes, channels as constructor arguments);
-- every concatenation must take exactly the block's features in order, which is
-  what the generated `DenseBlock` computes.
+- a block's output is the concatenation of its features in order (`DenseBlock`).
 
-What a chain computes is what the class's `forward` does, line for line, so a pass
-that rewires a unit changes the code. A subgraph this target cannot express is an
-EmitError naming the node, never silently different code. Module names come from the
-nodes' paths (decided by lowering). The templates in templates/torch/ only place the
-prepared text. Every value that reaches the source is an int, a float or a checked
-identifier. No torch here: compiling stays fast and works without it.
+A unit that matches none of these patterns gets plain graph-following code, as torch.fx
+generates it: a class of its own whose `forward` computes its nodes one by one, each
+reading the tensors its edges name (a dense layer reads its block's features by
+index), with its modules at the same paths, so the state_dict keys stay. Where even
+that cannot hold (a unit reading a tensor from outside its block's features), the whole
+network is emitted as graph-following code in `forward_features`. So any IR the
+verifier accepts emits, and what the code computes is what the IR says.
+
+Every fact about an op (its modules and their arguments, its functional call, its
+words) comes from the op table (`dnc.ir.ops.OPS[op].torch`); settings that apply to
+the whole network from `dnc.ir.settings`. The runtime the generated module needs
+(`templates/torch/runtime/`) is included piece by piece, only what its classes use. The
+templates only place the prepared text. Every value that reaches the source is an int, a
+float, a bool or a checked identifier. No torch here: compiling stays fast and works
+without it.
 """
 
 from __future__ import annotations
@@ -34,13 +42,13 @@ import networkx as nx
 from dnc.errors import EmitError
 from dnc.files import size_text
 from dnc.ir.graph import (
-    BatchNormAttrs,
-    ConvAttrs,
+    IRError,
     Node,
     OpKind,
     Unit,
     UnitKind,
     conv_attrs,
+    inference_only,
     input_nodes,
     inputs,
     node,
@@ -48,7 +56,8 @@ from dnc.ir.graph import (
     unit_output,
     units,
 )
-from dnc.ir.ops import OLD_KEY_PATTERN
+from dnc.ir.ops import OLD_KEY_PATTERN, OPS, Arg, Code, Module, TorchContext
+from dnc.ir.settings import settings
 from dnc.jinja import environment
 from dnc.targets.provenance import header_lines
 
@@ -56,26 +65,26 @@ SUFFIX = ".py"
 TEMPLATE = "torch/model.py.j2"
 LINE_LENGTH = 120  # the project's ruff line-length: generated files must pass `ruff check`
 
-# Names the generated module defines or imports: a network may not be called one of these.
-_TAKEN = {"re", "torch", "nn", "F", "Tensor", "OrderedDict", "DenseNet", "DenseBlock", "DenseLayer"}
-_TAKEN |= {"PlainDenseLayer", "Transition", "upgrade_state_dict", "any_requires_grad", "build", "checkpoint"}
-_TAKEN |= {"ReLU", "BNReLU", "FoldedConv2d", "FoldedBatchNorm2d", "BufferedDenseBlock", "TILE_BYTES"}
-_TAKEN |= {"Conv1x1", "FoldedConv1x1", "conv1x1", "BNClamp", "FoldedLinear"}
-_MODULE_OPS = {
-    OpKind.CONV,
-    OpKind.BATCHNORM,
-    OpKind.RELU,
-    OpKind.MAXPOOL,
-    OpKind.AVGPOOL,
-    OpKind.CONV_BN,
-    OpKind.BN_RELU,
-    OpKind.BN_CLAMP,
+# The generated module's runtime, one snippet per piece (templates/torch/runtime/<snippet>.py.j2), in the order
+# they appear in the file: each piece, the snippet that defines it and the pieces it uses.
+RUNTIME: dict[str, tuple[str, tuple[str, ...]]] = {
+    "any_requires_grad": ("any_requires_grad", ()),
+    "_traced": ("traced", ()),
+    "_tile_size": ("tile_size", ("_traced",)),
+    "conv1x1": ("conv1x1", ("_traced",)),
+    "ReLU": ("relu", ()),
+    "_bn_affine": ("bn_affine", ()),
+    "BNReLU": ("bn_relu", ("_bn_affine",)),
+    "BNClamp": ("bn_clamp", ("_bn_affine",)),
+    "FoldedConv2d": ("folded_conv", ("_bn_affine",)),
+    "FoldedConv1x1": ("folded_conv1x1", ("FoldedConv2d", "conv1x1")),
+    "FoldedBatchNorm2d": ("folded_batchnorm", ()),
+    "FoldedLinear": ("folded_linear", ()),
+    "Conv1x1": ("conv1x1_module", ("conv1x1",)),
 }
-_CONVS = (OpKind.CONV, OpKind.CONV_BN)
-# ops that return a tensor of their own: a ReLU after one (its only reader) may work in place
-_FRESH = {OpKind.CONV, OpKind.CONV_BN, OpKind.BATCHNORM, OpKind.BN_RELU, OpKind.BN_CLAMP, OpKind.LINEAR}
-_FRESH |= {OpKind.AVGPOOL, OpKind.MAXPOOL}
-_HEAD_OPS = _MODULE_OPS | {OpKind.GLOBAL_AVGPOOL, OpKind.FLATTEN, OpKind.LINEAR}
+# Names the generated module defines or imports: a network may not be called one of these.
+_TAKEN = {"re", "torch", "nn", "F", "Tensor", "OrderedDict", "DenseNet", "DenseBlock", "DenseLayer", "Transition"}
+_TAKEN |= {"PlainDenseLayer", "upgrade_state_dict", "build", "checkpoint", "BufferedDenseBlock"} | set(RUNTIME)
 
 
 def emit(graph: nx.DiGraph, options: dict | None = None) -> str:
@@ -87,7 +96,7 @@ def emit(graph: nx.DiGraph, options: dict | None = None) -> str:
 
 
 @dataclass
-class Code:
+class Lines:
     """Lines of Python at one indentation; shape comments go after a line, or above it where too long."""
 
     indent: int
@@ -108,7 +117,107 @@ class Code:
         return "\n".join(pad + line if line else "" for line in self.lines)
 
 
+# -- values and modules: what reaches the source ---------------------------------------
+
+
+def _int(v) -> str:
+    if type(v) is not int or v < 0:
+        raise EmitError(f"torch target: expected a non-negative integer, got {v!r}")
+    return str(v)
+
+
+def _float(v) -> str:
+    if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+        raise EmitError(f"torch target: expected a finite number, got {v!r}")
+    return repr(float(v))
+
+
+def _rate(v) -> str:
+    if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or not 0 <= v < 1:
+        raise EmitError(f"torch target: expected a rate in [0, 1), got {v!r}")
+    return repr(float(v))
+
+
+def _ident(name: str) -> str:
+    """A name that goes into the source as code: an ASCII identifier, nothing else."""
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name) or not name.isascii():
+        raise EmitError(f"torch target: module name {name!r} is not a plain identifier")
+    return name
+
+
+def _dotted(path: tuple[str, ...]) -> str:
+    """A module path relative to a parent module, for `get_submodule`: checked identifiers joined by dots."""
+    return ".".join(_ident(p) for p in path)
+
+
+def _value(v) -> str:
+    """One constructor argument as source text."""
+    if isinstance(v, bool):
+        return repr(v)
+    if isinstance(v, int):
+        return _int(v)
+    if isinstance(v, float):
+        return _float(v)
+    if isinstance(v, Code):
+        return _ident(v.text)
+    if isinstance(v, str):
+        return json.dumps(_ident(v))  # a double-quoted literal, as ruff format writes it
+    if isinstance(v, tuple):
+        return json.dumps(_dotted(v))
+    raise EmitError(f"torch target: cannot write the argument {v!r}")
+
+
+def _args(args: tuple[Arg, ...]) -> str:
+    shown = [a for a in args if not a.name or a.value != a.default]
+    positional = [_value(a.value) for a in shown if not a.name]
+    keywords = [f"{a.name}={_value(a.value)}" for a in shown if a.name]
+    return ", ".join(positional + keywords)
+
+
+def _constructor(m: Module) -> str:
+    cls = m.cls if m.cls.startswith("nn.") else _ident(m.cls)
+    return f"{cls}({_args(m.args)})"
+
+
+def _fresh_input(graph: nx.DiGraph, n: Node) -> bool:
+    """A ReLU whose input is a fresh tensor that only it reads: it may then work in place."""
+    srcs = input_nodes(graph, n)
+    if n.op is not OpKind.RELU or len(srcs) != 1:
+        return False
+    form = OPS[srcs[0].op].torch
+    return form is not None and form.fresh and graph.out_degree(srcs[0].scope) == 1
+
+
+def _modules(graph: nx.DiGraph, n: Node, cin, cout=None, fresh: bool | None = None) -> tuple[Module, ...]:
+    """The modules an op needs (its own first; a folded conv also keeps its batch norm's tensors beside it)."""
+    form = OPS[n.op].torch
+    if form is None or form.modules is None:
+        raise EmitError(f"torch target: {n.scope}: a {n.op.value} is not a module here")
+    if fresh is None:
+        fresh = _fresh_input(graph, n)
+    conv1x1 = settings(graph).conv1x1
+    return form.modules(n.attrs, TorchContext(_ident(n.name), cin, cout, fresh, conv1x1))
+
+
+def _literal_modules(graph: nx.DiGraph, n: Node) -> tuple[Module, ...]:
+    cout = n.shape[0] if conv_attrs(n) is not None else None
+    return _modules(graph, n, input_nodes(graph, n)[0].shape[0], cout)
+
+
+def _is_module(n: Node) -> bool:
+    form = OPS[n.op].torch
+    return form is not None and form.modules is not None
+
+
 # -- chains: what a unit computes ----------------------------------------------------
+
+
+class NotAChain(Exception):
+    """A unit is not a chain of the form a pattern class implements; it gets graph-following code instead."""
+
+
+class Unstructured(Exception):
+    """The network does not flow stage to stage (a unit reads outside its block's features): emit it flat."""
 
 
 @dataclass(frozen=True)
@@ -120,158 +229,36 @@ class Step:
     fresh: bool = False  # a ReLU whose input is a tensor only it reads
 
 
-def _fresh_input(graph: nx.DiGraph, n: Node) -> bool:
-    (src,) = input_nodes(graph, n)
-    return n.op is OpKind.RELU and src.op in _FRESH and graph.out_degree(src.scope) == 1
-
-
 def _chain(graph: nx.DiGraph, members: list[Node], entry: str) -> list[Node]:
-    """The unit's nodes as a chain starting from `entry` (a node outside the unit); refuse anything else."""
-    chain, previous = [], entry
+    """The unit's nodes as a chain starting from `entry` (a node outside the unit)."""
+    previous = entry
     for n in members:
-        srcs = inputs(graph, n.scope)
-        if srcs != [previous]:
-            raise EmitError(
-                f"torch target: {n.scope} reads {srcs or 'nothing'}, not the previous op {previous}; "
-                f"{n.unit} is not a chain this target implements"
-            )
-        chain.append(n)
+        if inputs(graph, n.scope) != [previous]:
+            raise NotAChain(n.scope)
         previous = n.scope
-    return chain
-
-
-def _modules(
-    n: Node, cin: str, cout: str | None = None, fresh: bool = False, onednn: bool = False
-) -> list[tuple[str, str]]:
-    """(module name, constructor call) of each module one op needs: two for a conv with a folded batch norm.
-
-    `onednn`: 1x1 convs are modules that call oneDNN directly (pass onednn_1x1)."""
-    if n.op is OpKind.CONV_BN:
-        a = n.attrs
-        norm = _module(n.replace(op=OpKind.BATCHNORM, attrs=a.bn), cout)
-        conv = _folded_conv(n, a.conv, cin, cout, onednn, a.norm)
-        return [(n.name, conv), (a.norm, norm.replace("nn.BatchNorm2d(", "FoldedBatchNorm2d(", 1))]
-    if n.op is OpKind.CONV and n.attrs.pre:
-        return [(n.name, _folded_conv(n, n.attrs, cin, cout, onednn, ""))]
-    if n.op is OpKind.LINEAR and n.attrs.pre:
-        call = _module(n, cin).replace("nn.Linear(", "FoldedLinear(", 1)
-        return [(n.name, f"{call[:-1]}, pre={json.dumps(_dotted(n.attrs.pre))})")]
-    if n.op in (OpKind.BN_RELU, OpKind.BN_CLAMP):
-        cls = "BNReLU(" if n.op is OpKind.BN_RELU else "BNClamp("
-        return [(n.name, _module(n.replace(op=OpKind.BATCHNORM), cin).replace("nn.BatchNorm2d(", cls, 1))]
-    if n.op is OpKind.RELU and fresh:
-        return [(n.name, "ReLU()")]
-    if n.op is OpKind.CONV and onednn and n.attrs.pointwise:
-        return [(n.name, _module(n, cin, cout).replace("nn.Conv2d(", "Conv1x1(", 1))]
-    return [(n.name, _module(n, cin, cout))]
-
-
-def _folded_conv(n: Node, conv: ConvAttrs, cin: str, cout: str | None, onednn: bool, norm: str) -> str:
-    """A FoldedConv2d: the conv with the batch norm after it (`norm`) and the one of its `pre` folded in."""
-    call = _module(n.replace(op=OpKind.CONV, attrs=conv), cin, cout)
-    cls = "FoldedConv1x1(" if onednn and conv.pointwise else "FoldedConv2d("
-    extra = [f", norm={json.dumps(_ident(norm))}"] if norm else []
-    extra += [f", pre={json.dumps(_dotted(conv.pre))}"] if conv.pre else []
-    return call.replace("nn.Conv2d(", cls, 1)[:-1] + "".join(extra) + ")"
-
-
-def _dotted(path: tuple[str, ...]) -> str:
-    """A module path relative to a parent module, for `get_submodule`: checked identifiers joined by dots."""
-    return ".".join(_ident(p) for p in path)
-
-
-def _module(n: Node, cin: str, cout: str | None = None) -> str:
-    """The constructor call of the module for one op; `cin`/`cout` are literals or argument names."""
-    a = n.attrs
-    if n.op is OpKind.CONV:
-        extra = "".join(
-            f", {k}={v}" for k, v in (("stride", a.stride), ("padding", a.padding)) if v != (1 if k == "stride" else 0)
-        )
-        bias = "" if a.bias else ", bias=False"
-        return f"nn.Conv2d({cin}, {cout}, kernel_size={_int(a.kernel)}{extra}{bias})"
-    if n.op is OpKind.BATCHNORM:
-        defaults = BatchNormAttrs()
-        extra = "".join(
-            f", {f.name}={_float(getattr(a, f.name))}"
-            for f in dataclasses.fields(a)
-            if getattr(a, f.name) != getattr(defaults, f.name)
-        )
-        return f"nn.BatchNorm2d({cin}{extra})"
-    if n.op is OpKind.RELU:
-        return "nn.ReLU()"
-    if n.op in (OpKind.MAXPOOL, OpKind.AVGPOOL):
-        cls = "nn.MaxPool2d" if n.op is OpKind.MAXPOOL else "nn.AvgPool2d"
-        stride = f", stride={_int(a.stride)}" if a.stride != a.kernel else ""
-        padding = f", padding={_int(a.padding)}" if a.padding else ""
-        return f"{cls}(kernel_size={_int(a.kernel)}{stride}{padding})"
-    if n.op is OpKind.GLOBAL_AVGPOOL:
-        return "nn.AdaptiveAvgPool2d(1)"
-    if n.op is OpKind.FLATTEN:
-        return "nn.Flatten(1)"
-    if n.op is OpKind.LINEAR:
-        bias = "" if a.bias else ", bias=False"
-        return f"nn.Linear({cin}, {_int(a.out_features)}{bias})"
-    raise EmitError(f"torch target: {n.scope}: no module for op '{n.op}'")
-
-
-def _literal_modules(graph: nx.DiGraph, n: Node) -> list[tuple[str, str]]:
-    cin = _int(input_nodes(graph, n)[0].shape[0])
-    cout = _int(n.shape[0]) if n.op in _CONVS else None
-    return _modules(n, cin, cout, _fresh_input(graph, n), _onednn(graph))
-
-
-def _onednn(graph: nx.DiGraph) -> bool:
-    """Whether 1x1 convs call oneDNN directly (pass onednn_1x1)."""
-    return graph.graph.get("conv1x1") == "onednn"
-
-
-# -- unit classes --------------------------------------------------------------------
-
-
-@dataclass
-class UnitClass:
-    """A generated nn.Module class for units (dense layers or transitions) that share one chain."""
-
-    name: str
-    kind: UnitKind
-    signature: tuple
-    steps: list[Step]  # from the first instance; dropout rates and channels are arguments
-    drop_slots: set[int] = field(default_factory=set)  # indices in `steps` after which dropout may run
-    buffered: bool = False  # a dense layer that reads a view of its block buffer, not a list of features
-    onednn: bool = False  # its 1x1 convs call oneDNN directly (pass onednn_1x1)
-
-    @property
-    def args(self) -> list[str]:
-        outs = [s.out_arg for s in self.steps if s.out_arg]
-        return ["in_channels", *outs, *(["drop_rate"] if self.drop_slots else [])]
-
-    @property
-    def checkpointed(self) -> bool:
-        """Dense layers with a bottleneck recompute it in backward under memory_efficient (as torchvision)."""
-        convs = [s for s in self.steps if s.node.op in _CONVS]
-        return self.kind is UnitKind.DENSE_LAYER and len(convs) > 1 and not self.buffered
+    return members
 
 
 def _core(chain: list[Node]) -> tuple[list[Node], set[int], list[float]]:
-    """Split a chain into its non-dropout ops, the positions dropouts follow, and their rates."""
+    """Split a chain into its module ops, the positions dropouts follow, and their rates."""
     core, slots, rates = [], set(), []
     for n in chain:
         if n.op is OpKind.DROPOUT:
             if not core:
-                raise EmitError(f"torch target: {n.scope}: dropout before any op of {n.unit}")
+                raise NotAChain(n.scope)
             slots.add(len(core) - 1)
             rates.append(n.attrs.rate)
-        elif n.op in _MODULE_OPS:
+        elif _is_module(n):
             core.append(n)
         else:
-            raise EmitError(f"torch target: {n.scope}: a {n.op.value} inside {n.unit} has no implementation here")
-    if len(set(rates)) > 1:
-        raise EmitError(f"torch target: {chain[0].unit} has dropouts of different rates {sorted(set(rates))}")
+            raise NotAChain(n.scope)
+    if not core or len(set(rates)) > 1:
+        raise NotAChain(chain[0].scope)
     return core, slots, rates
 
 
 def _out_args(kind: UnitKind, core: list[Node]) -> list[str | None]:
-    convs = [i for i, n in enumerate(core) if n.op in _CONVS]
+    convs = [i for i, n in enumerate(core) if conv_attrs(n) is not None]
     names: dict[int, str] = {}
     if kind is UnitKind.DENSE_LAYER:
         for number, i in enumerate(convs[:-1], start=1):
@@ -295,27 +282,63 @@ def _signature(core: list[Node], fresh: list[bool]) -> tuple:
     return tuple((n.name, n.op, attrs(n), f) for n, f in zip(core, fresh, strict=True))
 
 
+@dataclass
+class UnitClass:
+    """A generated nn.Module class for units (dense layers or transitions) that share one chain."""
+
+    name: str
+    kind: UnitKind
+    signature: tuple
+    steps: list[Step]  # from the first instance; dropout rates and channels are arguments
+    conv1x1: str  # Settings.conv1x1
+    drop_slots: set[int] = field(default_factory=set)  # indices in `steps` after which dropout may run
+    buffered: bool = False  # a dense layer that reads a view of its block buffer, not a list of features
+
+    @property
+    def args(self) -> list[str]:
+        outs = [s.out_arg for s in self.steps if s.out_arg]
+        return ["in_channels", *outs, *(["drop_rate"] if self.drop_slots else [])]
+
+    @property
+    def checkpointed(self) -> bool:
+        """Dense layers with a bottleneck recompute it in backward under memory_efficient (as torchvision)."""
+        convs = [s for s in self.steps if conv_attrs(s.node) is not None]
+        return self.kind is UnitKind.DENSE_LAYER and len(convs) > 1 and not self.buffered
+
+    def modules(self) -> list[Module]:
+        out, channels = [], Code("in_channels")
+        for s in self.steps:
+            cout = Code(s.out_arg) if s.out_arg else None
+            out += OPS[s.node.op].torch.modules(
+                s.node.attrs, TorchContext(_ident(s.node.name), channels, cout, s.fresh, self.conv1x1)
+            )
+            if s.out_arg:
+                channels = Code(s.out_arg)
+        return out
+
+
 class Classes:
     """The unit classes a module needs, named in the order they are first met."""
 
     def __init__(self) -> None:
-        self.all: list[UnitClass] = []
+        self.all: list[UnitClass | GraphClass] = []
 
     def instance(
         self, graph: nx.DiGraph, kind: UnitKind, chain: list[Node], in_channels: int, buffered: bool = False
     ) -> str:
         """The constructor call of the unit `chain`, creating or widening its class."""
         core, slots, rates = _core(chain)
-        if not core:
-            raise EmitError(f"torch target: {chain[0].unit} has no ops")
         # a ReLU first in its chain reads the unit's input, which others read too
         fresh = [i > 0 and (i - 1) not in slots and _fresh_input(graph, n) for i, n in enumerate(core)]
         sig = (buffered, _signature(core, fresh))
-        cls = next((c for c in self.all if c.kind is kind and c.signature == sig), None)
+        cls = next((c for c in self.all if isinstance(c, UnitClass) and c.kind is kind and c.signature == sig), None)
         if cls is None:
             names = _out_args(kind, core)
             steps = [Step(n, a, f) for n, a, f in zip(core, names, fresh, strict=True)]
-            cls = UnitClass(self._name(kind, core), kind, sig, steps, buffered=buffered, onednn=_onednn(graph))
+            base = "Transition" if kind is UnitKind.TRANSITION else "DenseLayer"
+            if kind is UnitKind.DENSE_LAYER and sum(conv_attrs(n) is not None for n in core) < 2:
+                base = "PlainDenseLayer"
+            cls = UnitClass(self.name(base), kind, sig, steps, settings(graph).conv1x1, buffered=buffered)
             self.all.append(cls)
         cls.drop_slots |= slots
         values = [f"in_channels={_int(in_channels)}"]
@@ -326,11 +349,7 @@ class Classes:
             values.append(f"drop_rate={_rate(rates[0])}")
         return f"{cls.name}({', '.join(values)})"
 
-    def _name(self, kind: UnitKind, core: list[Node]) -> str:
-        if kind is UnitKind.TRANSITION:
-            base = "Transition"
-        else:
-            base = "DenseLayer" if sum(n.op in _CONVS for n in core) > 1 else "PlainDenseLayer"
+    def name(self, base: str) -> str:
         taken = {c.name for c in self.all}
         number = 1
         name = base
@@ -340,40 +359,46 @@ class Classes:
         return name
 
 
-def _class_view(cls: UnitClass, tiled: bool = False) -> dict:
+def _unit_doc(kind: UnitKind, parts: list[str]) -> str:
+    if kind is UnitKind.DENSE_LAYER:
+        what = "Dense layer: reads the concatenation of its block's features so far."
+    else:
+        what = "Transition between dense blocks."
+    sentence = ", ".join(parts)
+    return _docstring([what, sentence[:1].upper() + sentence[1:] + "."], indent=4)
+
+
+def _class_view(cls: UnitClass, tiled: bool) -> dict:
     """The text of one unit class: constructor body, optional bottleneck, forward body.
 
-    `tiled`: a transition runs its chain on batch tiles (pass batch_tile)."""
-    init = Code(8)
-    channels = "in_channels"
-    for s in cls.steps:
-        n = s.node
-        for name, call in _modules(n, channels, s.out_arg, s.fresh, cls.onednn):
-            init.add(f"self.{_ident(name)} = {call}")
-        if s.out_arg:
-            channels = s.out_arg
+    `tiled`: a transition runs its chain on batch tiles (setting batch_tile_bytes)."""
+    init = Lines(8)
+    for m in cls.modules():
+        init.add(f"self.{_ident(m.name)} = {_constructor(m)}")
     if cls.drop_slots:
         init.add("self.drop_rate = drop_rate")
     if cls.checkpointed:
         init.add("self.memory_efficient = False  # set by DenseNet")
-    if tiled and cls.kind is UnitKind.TRANSITION:
+    tiled = tiled and cls.kind is UnitKind.TRANSITION
+    if tiled:
         init.add("self.tile_bytes = 0  # set by DenseNet")
 
-    def step_lines(code: Code, indices: range) -> None:
+    def step_lines(code: Lines, indices: range) -> None:
         for i in indices:
             code.add(f"x = self.{cls.steps[i].node.name}(x)")
             if i in cls.drop_slots:
                 code.add("if self.drop_rate > 0:")
                 code.add("    x = F.dropout(x, p=self.drop_rate, training=self.training)")
 
-    first_conv = next(i for i, s in enumerate(cls.steps) if s.node.op in _CONVS) if cls.checkpointed else -1
+    convs = [i for i, s in enumerate(cls.steps) if conv_attrs(s.node) is not None]
+    first_conv = convs[0] if cls.checkpointed else -1
     dense = cls.kind is UnitKind.DENSE_LAYER
-    bottleneck = Code(8)
+    bottleneck = Lines(8)
     if cls.checkpointed:
         bottleneck.add("x = torch.cat(features, 1)")
         step_lines(bottleneck, range(first_conv + 1))
         bottleneck.add("return x")
-    forward = Code(8)
+    forward = Lines(8)
     if dense and not cls.checkpointed and not cls.buffered:
         forward.add("x = torch.cat(features, 1)")
     step_lines(forward, range(first_conv + 1, len(cls.steps)))
@@ -381,55 +406,97 @@ def _class_view(cls: UnitClass, tiled: bool = False) -> dict:
     signature = ", ".join(f"{a}: int" for a in cls.args if a != "drop_rate")
     if cls.drop_slots:
         signature += ", drop_rate: float = 0.0"
+    parts = []
+    for i, s in enumerate(cls.steps):
+        parts.append(OPS[s.node.op].words(s.node.attrs, f"to `{s.out_arg}` channels" if s.out_arg else ""))
+        if i in cls.drop_slots:
+            parts.append("dropout")
     return {
         "name": cls.name,
-        "doc": _class_doc(cls),
+        "doc": _unit_doc(cls.kind, parts),
         "signature": signature,
         "init": init.text(),
         "bottleneck": bottleneck.text() if cls.checkpointed else "",
         "input": "features: list[Tensor]" if dense and not cls.buffered else "x: Tensor",
         "forward": forward.text(),
-        "tiled": tiled and cls.kind is UnitKind.TRANSITION,
+        "tiled": tiled,
     }
 
 
-_OP_WORDS = {
-    OpKind.CONV: "Conv",
-    OpKind.BATCHNORM: "BN",
-    OpKind.RELU: "ReLU",
-    OpKind.MAXPOOL: "MaxPool",
-    OpKind.AVGPOOL: "AvgPool",
-    OpKind.CONV_BN: "Conv",
-    OpKind.BN_RELU: "BN+ReLU",
-    OpKind.BN_CLAMP: "BN+ReLU as a clamp",
-}
+# -- graph-following code ---------------------------------------------------------------
 
 
-def _class_doc(cls: UnitClass) -> str:
-    parts = []
-    for i, s in enumerate(cls.steps):
-        n = s.node
-        word = _OP_WORDS[n.op]
-        a = conv_attrs(n) or n.attrs
-        if n.op in (*_CONVS, OpKind.AVGPOOL, OpKind.MAXPOOL):
-            word += f"({a.kernel}x{a.kernel}{f'/{a.stride}' if a.stride > 1 else ''})"
-        if s.out_arg:
-            word += f" to `{s.out_arg}`"
-        if n.op in _CONVS and a.bias:
-            word += " with bias"
-        if n.op is OpKind.CONV_BN:
-            word += "+BN folded"
-        if n.op in _CONVS and a.pre:
-            word += " (applying that BN)"
-        parts.append(word)
-        if i in cls.drop_slots:
-            parts.append("dropout")
-    if cls.kind is UnitKind.DENSE_LAYER:
-        what = "Dense layer: reads the concatenation of its block's features so far."
-    else:
-        what = "Transition between dense blocks."
-    chain = textwrap.wrap("-".join(parts) + ".", width=LINE_LENGTH - 24, break_on_hyphens=True)
-    return what + "\n\n" + "\n".join(f"    {line}" for line in chain) + "\n    "
+@dataclass
+class GraphClass:
+    """A generated class whose forward follows a unit's edges node by node (no pattern matched it)."""
+
+    name: str
+    kind: UnitKind
+    modules: list[tuple[tuple[str, ...], Module]]  # (path below the class, module)
+    forward: Lines
+    argument: str  # `features: list[Tensor]` or `x: Tensor`
+    container: str = "nn.Module"
+    parts: list[str] = field(default_factory=list)
+
+
+def _graph_lines(
+    graph: nx.DiGraph, nodes: list[Node], env: dict[str, str], owner: int, code: Lines, via: str = "self"
+) -> None:
+    """Compute `nodes` in order, one line each, each reading the expressions its inputs have in `env`.
+
+    A module is reached from `via` by its path below the class that runs the code (the first `owner`
+    parts of the node's path are that class's own). Adds each node's variable to `env`.
+    """
+    for number, n in enumerate(nodes, start=1):
+        form = OPS[n.op].torch
+        if form is None:
+            raise EmitError(f"torch target: {n.scope}: a {n.op.value} has no torch form")
+        args = []
+        for src in inputs(graph, n.scope):
+            if src not in env:
+                raise Unstructured(n.scope)
+            args.append(env[src])
+        if form.modules is not None:
+            call = f"{via}.{_dotted(n.path[owner:])}({', '.join(args)})"
+        else:
+            call = form.call(n.attrs, args)
+        var = f"x{number}"
+        code.add(f"{var} = {call}", _shape(n))
+        env[n.scope] = var
+
+
+def _graph_modules(graph: nx.DiGraph, nodes: list[Node], owner: int) -> list[tuple[tuple[str, ...], Module]]:
+    out = []
+    for n in nodes:
+        if _is_module(n):
+            for m in _literal_modules(graph, n):
+                out.append(((*n.path[owner:-1], m.name), m))
+    return out
+
+
+def _graph_class_view(cls: GraphClass) -> dict:
+    init = Lines(8)
+    made: set[tuple[str, ...]] = set()
+    for path, m in cls.modules:
+        for depth in range(1, len(path)):  # containers for deeper paths: modules that compute nothing themselves
+            if path[:depth] not in made:
+                made.add(path[:depth])
+                init.add(f"self.{_dotted(path[:depth])} = nn.Module()")
+        init.add(f"self.{_dotted(path)} = {_constructor(m)}")
+    what = {
+        UnitKind.DENSE_LAYER: "Dense layer, as its graph wires it",
+        UnitKind.BLOCK_OUTPUT: "Dense block, as its graph wires it",
+        UnitKind.TRANSITION: "Transition, as its graph wires it",
+    }[cls.kind]
+    doc = f"{what}: each line computes one node from the tensors its edges name."
+    return {
+        "name": cls.name,
+        "container": cls.container,
+        "doc": doc,
+        "init": init.text(),
+        "input": cls.argument,
+        "forward": cls.forward.text(),
+    }
 
 
 # -- the whole module -----------------------------------------------------------------
@@ -438,132 +505,240 @@ def _class_doc(cls: UnitClass) -> str:
 def view(graph: nx.DiGraph, options: dict) -> dict:
     """The template's data: plain strings, every literal already formatted."""
     name = _network_name(graph.graph.get("name"))
+    try:
+        body = _structured(graph)
+    except Unstructured:
+        body = _flat(graph)
     nodes = ordered(graph)
-    init = Code(8)
-    init.add("self.features = features = nn.Sequential()")
-    head = Code(8)
-    classes = Classes()
-    positions: list[int] = []  # index in `features` of each dense block
-    count = 0  # modules in `features` so far
-    block: dict | None = None
-    head_modules: list[str] = []
-    source_node = None
-    for unit, members in units(graph).items():
-        kind = unit.kind
-        if kind is UnitKind.INPUT:
-            (source_node,) = members
-        elif kind is UnitKind.STEM:  # one unit: units() groups all of the stem's nodes
-            init.comment("stem")
-            previous = source_node
-            for n in _chain(graph, members, source_node.scope):
-                count += _feature(init, graph, n, previous)
-                previous = n
-        elif kind is UnitKind.DENSE_LAYER:
-            if block is None or block["unit"] != unit.block:
-                block = _open_block(graph, unit, members, init)
-                positions.append(count)
-                count += 1
-            _dense_layer(graph, unit, members, block, classes, init)
-        elif kind is UnitKind.BLOCK_OUTPUT:
-            if block is None or block["unit"] != unit.block:
-                raise EmitError(f"torch target: {members[0].scope}: a block output without dense layers")
-            comment, code, shape = _close_block(graph, members, block)
-            init.lines[block["line"]] = comment
-            init.lines[block["line"] + 1] = f"{code}  # {shape}"
-        elif kind is UnitKind.TRANSITION:
-            entry = _entry(graph, members)
-            chain = _chain(graph, members, entry.scope)
-            parent = _parent(chain, 2)
-            call = classes.instance(graph, kind, chain, entry.shape[0])
-            init.add(f"features.{_ident(parent[1])} = {call}", _shape(chain[-1]))
-            count += 1
-        elif kind is UnitKind.HEAD:
-            entry = _entry(graph, members)
-            previous = entry
-            for n in _chain(graph, members, entry.scope):
-                if n.op not in _HEAD_OPS:
-                    raise EmitError(f"torch target: {n.scope}: a {n.op.value} in the head has no implementation here")
-                if n.path[0] == "features" and len(n.path) == 2 and not head_modules:
-                    count += _feature(init, graph, n, previous)
-                elif len(n.path) == 1:
-                    for attr, module in _literal_modules(graph, n):
-                        init.add(f"self.{_ident(attr)} = {module}")
-                    head_modules.append(n.name)
-                    last = n is members[-1]
-                    call = f"self.{n.name}(x)"
-                    head.add(f"return {call}" if last else f"x = {call}", _shape(n))
-                else:
-                    raise EmitError(f"torch target: {n.scope}: the head's modules come after `features`")
-                previous = n
-        if block is not None and kind is not UnitKind.DENSE_LAYER and block.get("open"):
-            raise EmitError(f"torch target: {'.'.join(block['path'])} has no block output")
-    if not head_modules or not head.lines[-1].startswith("return "):
-        raise EmitError("torch target: the network must end in a head module outside `features`")
-    checkpointed = [c.name for c in classes.all if c.checkpointed]
-    used = {n.op for n in nodes}
-    channels_last = graph.graph.get("memory_format") == "channels_last"
-    features_node = next(n for n in reversed(nodes) if n.path[0] == "features")
-    tile_bytes = graph.graph.get("batch_tile_bytes", 0)
-    class_views = [_class_view(c, tile_bytes > 0) for c in classes.all]
-    # pass batch_tile: buffered dense blocks and transitions run on batch tiles
-    tiled = ["BufferedDenseBlock"] * (OpKind.BUFFER_CONCAT in used) + [c["name"] for c in class_views if c["tiled"]]
+    s = settings(graph)
+    classes = body["classes"]
+    pattern_classes = [c for c in classes.all if isinstance(c, UnitClass)]
+    graph_classes = [c for c in classes.all if isinstance(c, GraphClass)]
+    checkpointed = [c.name for c in pattern_classes if c.checkpointed]
+    tile_bytes = s.batch_tile_bytes
+    class_views = [_class_view(c, tile_bytes > 0) for c in pattern_classes]
+    buffered = body["buffered"]
+    tiled = ["BufferedDenseBlock"] * buffered + [c["name"] for c in class_views if c["tiled"]]
     tile_bytes = tile_bytes if tiled else 0
-    onednn = [n for n in nodes if _pointwise(n)] if _onednn(graph) else []  # 1x1 convs that call oneDNN
+    used = {m.cls for n in nodes if _is_module(n) for m in _modules(graph, n, 1, 1)}
+    used |= {"_tile_size"} if tile_bytes else set()
+    used |= {"_traced"} if buffered else set()
+    used |= {"any_requires_grad"} if checkpointed else set()
+    runtime = _runtime(used)
+    channels_last = s.memory_format == "channels_last"
+    frozen = inference_only(graph)
+    block_runtime = []
+    if body["plain_block"]:
+        block_runtime.append("dense_block")
+    if buffered:
+        block_runtime.append("tiled_dense_block" if tile_bytes else "buffered_dense_block")
+    memory_efficient = bool(graph.graph.get("memory_efficient", False))
+    signature = f"memory_efficient: bool = {memory_efficient!r}"
+    if tile_bytes:
+        signature += f", tile_bytes: int = {_int(tile_bytes)}"
     return {
         "name": name,
         "header": header_lines(graph, TEMPLATE, options),
         "params": f"{sum(n.params for n in nodes):,}",
         "macs": f"{sum(n.macs for n in nodes):,}",
-        "input_shape": _shape(source_node),
-        "features_shape": _shape(features_node),
+        "input_shape": body["input_shape"],
+        "features_shape": body["features_shape"],
         "old_key_pattern": json.dumps(OLD_KEY_PATTERN),  # a double-quoted literal, as ruff format writes it
-        "memory_efficient": repr(bool(graph.graph.get("memory_efficient", False))),
+        "runtime": [f"torch/runtime/{snippet}.py.j2" for snippet in runtime],
+        "block_runtime": [f"torch/runtime/{snippet}.py.j2" for snippet in block_runtime],
+        "functional": body["dropout"] or any(p in runtime for p in ("conv1x1", "folded_conv", "folded_linear")),
         "classes": class_views,
-        "uses_dropout": any(c.drop_slots for c in classes.all),
+        "graph_classes": [_graph_class_view(c) for c in graph_classes],
         "checkpointed": _tuple(checkpointed),
-        "init": init.text(),
-        "head": head.text(),
-        "positions": ", ".join(map(str, positions)),
-        "last_position": str(positions[-1]) if positions else "-1",
-        "inference_only": bool(graph.graph.get("inference_only")),
-        "relu": any(n.op is OpKind.RELU and _fresh_input(graph, n) for n in nodes),
-        "folded_conv": OpKind.CONV_BN in used or any(n.op is OpKind.CONV and n.attrs.pre for n in nodes),
-        "folded_linear": any(n.op is OpKind.LINEAR and n.attrs.pre for n in nodes),
-        "bn_clamp": OpKind.BN_CLAMP in used,
-        "onednn": bool(onednn),
-        "plain_conv1x1": any(n.op is OpKind.CONV and not n.attrs.pre for n in onednn),
-        "folded_conv1x1": any(n.op is OpKind.CONV_BN or n.attrs.pre for n in onednn),
-        "bn_relu": OpKind.BN_RELU in used,
-        "buffered": OpKind.BUFFER_CONCAT in used,
-        "plain_block": OpKind.CONCAT in used or not positions,
+        "doc": _network_doc(name, frozen, bool(checkpointed), tile_bytes),
+        "init_signature": signature,
+        "init": body["init"].text(),
+        "features": body["features"].text(),
+        "blocks": body["blocks"].text(),
+        "head": body["head"].text(),
+        "graph_code": body.get("graph_code", ""),
+        "inference_only": frozen,
+        "inference_only_message": _message_lines(name, frozen),
         "memory_format": "torch.channels_last" if channels_last else "torch.contiguous_format",
         "channels_last": channels_last,
         "tile_bytes": _int(tile_bytes) if tile_bytes else "",
-        "tile_words": size_text(tile_bytes),
         "tiled": _tuple(tiled),
     }
 
 
-def _pointwise(n: Node) -> bool:
-    conv = conv_attrs(n)
-    return conv is not None and conv.pointwise
+def _message_lines(name: str, why: list[str]) -> list[str]:
+    """The inference-only module's refusal, as string literals of at most a line each."""
+    if not why:
+        return []
+    text = (
+        f"this {name} was compiled by dnc -O2 for inference only ({', '.join(why)}): it cannot train or record "
+        "gradients; compile it with -O0 or -O1 to train"
+    )
+    lines = textwrap.wrap(text, width=LINE_LENGTH - 20)  # wrap drops the space at each break: put it back
+    return [json.dumps(line + (" " if i < len(lines) - 1 else "")) for i, line in enumerate(lines)]
 
 
-def _feature(init: Code, graph: nx.DiGraph, n: Node, previous: Node) -> int:
-    """The modules of one op in `features`, a shape comment where the shape changes; returns how many."""
-    if n.op not in _MODULE_OPS or len(n.path) != 2 or n.path[0] != "features":
-        raise EmitError(f"torch target: {n.scope}: a {n.op.value} cannot be a module of `features` here")
+def _network_doc(name: str, frozen: list[str], checkpointed: bool, tile_bytes: int) -> str:
+    """The DenseNet class's docstring: what it is and what its arguments do, in plain words."""
+    if frozen:
+        paragraphs = [
+            f"{name}, compiled by dnc -O2 for inference only: {', '.join(frozen)}.",
+            "It starts in eval mode with frozen parameters; `train()` and inputs that require grad are refused. Its"
+            " state_dict holds torchvision's keys; the folded tensors are derived from them at init and after every"
+            " `load_state_dict` (call `fold()` after writing into parameters by hand). `memory_efficient` is accepted"
+            " so that code written for -O0 runs unchanged; it does nothing here.",
+        ]
+    elif checkpointed:
+        paragraphs = [f"{name}. `memory_efficient` recomputes each bottleneck in backward (less memory, more time)."]
+    else:
+        paragraphs = [f"{name}. `memory_efficient` does nothing here: no layer has a bottleneck to recompute."]
+    if tile_bytes:
+        paragraphs.append(
+            "`tile_bytes`: dense blocks and transitions run as many samples at a time as this many bytes of their"
+            f" features hold ({size_text(tile_bytes)}: less memory, data nearer the caches); 0 runs whole batches."
+        )
+    return _docstring(paragraphs, indent=4)
+
+
+def _docstring(paragraphs: list[str], indent: int) -> str:
+    """A docstring's body: paragraphs wrapped to the line length, the first on the opening line."""
+    pad = " " * indent
+    wrapped = ["\n".join(textwrap.wrap(p, width=LINE_LENGTH - indent - 3)) for p in paragraphs]
+    text = "\n\n".join(wrapped).replace("\n", "\n" + pad).replace("\n" + pad + "\n", "\n\n")
+    return text + ("\n" + pad if "\n" in text else "")
+
+
+def _runtime(used: set[str]) -> list[str]:
+    """The runtime snippets that define `used` and what they need, in the file's order."""
+    needed: set[str] = set()
+    stack = [u for u in used if u in RUNTIME]
+    while stack:
+        piece = stack.pop()
+        if piece not in needed:
+            needed.add(piece)
+            stack += RUNTIME[piece][1]
+    return [RUNTIME[p][0] for p in RUNTIME if p in needed]
+
+
+def _structured(graph: nx.DiGraph) -> dict:
+    """The network as torchvision lays it out: `features` a Sequential of stages, each a module or unit class."""
+    init = Lines(8)
+    init.add("self.features = features = nn.Sequential()")
+    head = Lines(8)
+    blocks = Lines(8)  # forward_blocks: each stage of `features` in turn, each block's output kept
+    if settings(graph).memory_format == "channels_last":
+        blocks.add("x = x.contiguous(memory_format=torch.channels_last)")
+    blocks.add("outputs: list[Tensor] = []")
+    blocks.add("features = self.features")
+    classes = Classes()
+    found = {"dropout": False, "plain_block": False, "buffered": False}
+    items = list(units(graph).items())
+    (source,) = items[0][1]
+    previous: Node = source  # the stage output that flows into the next stage
+    head_modules: list[str] = []
+    i = 1
+    while i < len(items):
+        unit, members = items[i]
+        kind = unit.kind
+        found["dropout"] |= any(n.op is OpKind.DROPOUT for n in members)
+        if kind is UnitKind.STEM:  # one unit: units() groups all of the stem's nodes
+            init.comment("stem")
+            for n in _as_chain(graph, members, previous.scope):
+                _feature(init, blocks, graph, n, previous)
+                previous = n
+        elif kind is UnitKind.DENSE_LAYER:
+            j = i
+            while j < len(items) and items[j][0].kind is UnitKind.DENSE_LAYER and items[j][0].block == unit.block:
+                j += 1
+            if j == len(items) or items[j][0] != Unit(UnitKind.BLOCK_OUTPUT, unit.block):
+                raise Unstructured(members[0].scope)
+            found["dropout"] |= any(n.op is OpKind.DROPOUT for _, ms in items[i:j] for n in ms)
+            cat, block_class = _block(graph, items[i:j], items[j][1], previous, classes, init)
+            blocks.add(f"x = features.{_ident(cat.path[1])}(x)", _shape(cat))
+            blocks.add("outputs.append(x)")
+            found["plain_block"] |= block_class == "DenseBlock"
+            found["buffered"] |= block_class == "BufferedDenseBlock"
+            previous, i = cat, j
+        elif kind is UnitKind.TRANSITION:
+            entry = _entry(graph, members, previous)
+            parent = _parent(members, 2)
+            try:
+                call = classes.instance(graph, kind, _chain(graph, members, entry.scope), entry.shape[0])
+            except NotAChain:
+                call = _graph_unit(graph, unit, members, {entry.scope: "x"}, classes, "x: Tensor")
+            init.add(f"features.{_ident(parent[1])} = {call}", _shape(members[-1]))
+            blocks.add(f"x = features.{_ident(parent[1])}(x)")
+            previous = _output(graph, members)
+        elif kind is UnitKind.HEAD:
+            last = _entry(graph, members, previous)
+            for n in _as_chain(graph, members, last.scope):
+                if n.path[0] == "features" and len(n.path) == 2 and not head_modules:
+                    _feature(init, None, graph, n, last)
+                elif len(n.path) == 1 and _is_module(n):
+                    for m in _literal_modules(graph, n):
+                        init.add(f"self.{_ident(m.name)} = {_constructor(m)}")
+                    head_modules.append(n.name)
+                    call = f"self.{n.name}(x)"
+                    head.add(f"return {call}" if n is members[-1] else f"x = {call}", _shape(n))
+                else:
+                    raise Unstructured(n.scope)
+                last = n
+        else:
+            raise Unstructured(members[0].scope)
+        i += 1
+    if not head_modules or not head.lines[-1].startswith("return "):
+        raise Unstructured("head")
+    blocks.add("return outputs")
+    features_node = next(n for n in reversed(ordered(graph)) if n.path[0] == "features")
+    features = Lines(8)
+    if settings(graph).memory_format == "channels_last":
+        features.add("x = x.contiguous(memory_format=torch.channels_last)")
+    features.add("return self.features(x)")
+    return {
+        "init": init,
+        "head": head,
+        "blocks": blocks,
+        "features": features,
+        "classes": classes,
+        "input_shape": _shape(source),
+        "features_shape": _shape(features_node),
+        **found,
+    }
+
+
+def _output(graph: nx.DiGraph, members: list[Node]) -> Node:
+    """A unit's one output; a unit that others read in two places does not flow stage to stage."""
+    try:
+        return unit_output(graph, members)
+    except IRError:
+        raise Unstructured(members[0].scope) from None
+
+
+def _as_chain(graph: nx.DiGraph, members: list[Node], entry: str) -> list[Node]:
+    """A stem or head: a chain, or the network is not laid out by stages."""
+    try:
+        return _chain(graph, members, entry)
+    except NotAChain:
+        raise Unstructured(members[0].scope) from None
+
+
+def _feature(init: Lines, blocks: Lines | None, graph: nx.DiGraph, n: Node, previous: Node) -> None:
+    """The modules of one op in `features`, a shape comment where the shape changes."""
+    if not _is_module(n) or len(n.path) != 2 or n.path[0] != "features":
+        raise Unstructured(n.scope)
     changed = previous is None or n.shape != previous.shape
     modules = _literal_modules(graph, n)
-    for i, (name, module) in enumerate(modules):
-        init.add(f"features.{_ident(name)} = {module}", _shape(n) if changed and i == 0 else "")
-    return len(modules)
+    for i, m in enumerate(modules):
+        init.add(f"features.{_ident(m.name)} = {_constructor(m)}", _shape(n) if changed and i == 0 else "")
+    if blocks is not None:  # a folded conv's batch norm computes nothing: only the op's own module is called
+        blocks.add(f"x = features.{_ident(modules[0].name)}(x)")
 
 
-def _entry(graph: nx.DiGraph, members: list[Node]) -> Node:
+def _entry(graph: nx.DiGraph, members: list[Node], previous: Node) -> Node:
+    """The one tensor a stage reads: the previous stage's output, as `features` (a Sequential) passes it."""
     srcs = input_nodes(graph, members[0])
-    if len(srcs) != 1:
-        raise EmitError(f"torch target: {members[0].scope} should read one tensor, reads {len(srcs)}")
+    if len(srcs) != 1 or srcs[0].scope != previous.scope:
+        raise Unstructured(members[0].scope)
     return srcs[0]
 
 
@@ -571,80 +746,155 @@ def _parent(chain: list[Node], depth: int) -> tuple[str, ...]:
     """The module path all of a unit's nodes share, `depth` long."""
     parents = {n.path[:-1] for n in chain}
     if len(parents) != 1 or len(next(iter(parents))) != depth or next(iter(parents))[0] != "features":
-        raise EmitError(f"torch target: {chain[0].unit} spans modules {sorted(parents)}")
+        raise Unstructured(chain[0].scope)
     return next(iter(parents))
 
 
-def _open_block(graph: nx.DiGraph, unit: Unit, members: list[Node], init: Code) -> dict:
-    entry = _entry(graph, members)
-    parent = _parent(members, 3)
-    concats = {node(graph, s).op for s in graph.succ[entry.scope]} & {OpKind.CONCAT, OpKind.BUFFER_CONCAT}
-    if len(concats) > 1:
-        raise EmitError(f"torch target: {entry.scope} feeds both concats and buffer concats: one block, one kind")
-    block = {
-        "buffered": concats == {OpKind.BUFFER_CONCAT},
-        "unit": unit.block,
-        "module": parent[1],
-        "path": parent[:2],
-        "entry": entry,
-        "features": [entry.scope],
-        "layers": [],
-        "open": True,
-        "line": len(init.lines),
-    }
-    init.lines.append("")  # the block's comment and line, filled in when it closes
-    init.lines.append("")
-    return block
+def _block(graph, layers: list, output: list[Node], previous: Node, classes: Classes, init: Lines):
+    """A dense block: its layers (unit, members) and its output concat; returns the output node and block class.
 
-
-def _dense_layer(graph: nx.DiGraph, unit: Unit, members: list[Node], block: dict, classes: Classes, init: Code):
-    first = members[0]
-    if first.op in (OpKind.CONCAT, OpKind.BUFFER_CONCAT):
-        _check_features(graph, first, block["features"])
-        rest, entry, cin = members[1:], first, first.shape[0]
-    else:
-        if block["features"] != [block["entry"].scope]:
-            raise EmitError(f"torch target: {first.scope} reads {inputs(graph, first.scope)}, not its block's features")
-        rest, entry, cin = members, block["entry"], block["entry"].shape[0]
-    chain = _chain(graph, rest, entry.scope)
-    parent = _parent(members, 3)
-    if parent[:2] != block["path"]:
-        raise EmitError(f"torch target: {first.scope} is outside its block {'.'.join(block['path'])}")
-    out = unit_output(graph, members)
-    if out.scope != chain[-1].scope:
-        raise EmitError(f"torch target: {unit}: its output {out.scope} is not the end of its chain")
-    call = classes.instance(graph, UnitKind.DENSE_LAYER, chain, cin, block["buffered"])
-    init.add(f"block.{_ident(parent[2])} = {call}")
-    block["features"].append(chain[-1].scope)
-    block["layers"].append(out)
-
-
-def _check_features(graph: nx.DiGraph, cat: Node, features: list[str]) -> None:
-    """A concatenation must read exactly the block's features so far, in order: what DenseBlock passes."""
-    got = inputs(graph, cat.scope)
-    if got != features:
-        raise EmitError(
-            f"torch target: {cat.scope} concatenates {got}; this target implements only the block's "
-            f"features in order {features}"
-        )
-
-
-def _close_block(graph: nx.DiGraph, members: list[Node], block: dict) -> tuple[str, str, str]:
-    """Check a block's output; return its comment, its line in __init__ and its shape comment."""
-    (cat,) = members
+    The block hands each layer the list of its features so far (`DenseBlock`), or, where every concat is a
+    buffer view and every layer matches its pattern, a view of one buffer (`BufferedDenseBlock`).
+    """
+    (cat,) = output
     if cat.op not in (OpKind.CONCAT, OpKind.BUFFER_CONCAT):
-        raise EmitError(f"torch target: {cat.scope}: a block ends in a concatenation, not a {cat.op.value}")
-    _check_features(graph, cat, block["features"])
-    if cat.path[:-1] != block["path"]:
-        raise EmitError(f"torch target: {cat.scope} is outside its block {'.'.join(block['path'])}")
-    block["open"] = False
-    layers = block["layers"]
-    growths = sorted({n.shape[0] for n in layers})
-    count = f"{len(layers)} layer{'s' if len(layers) != 1 else ''}"
-    growth = " and ".join(map(str, growths))
-    summary = f"{block['module']}: {count} of growth {growth}, {block['entry'].shape[0]} -> {cat.shape[0]} channels"
-    module = f"BufferedDenseBlock(channels={_int(cat.attrs.channels)})" if block["buffered"] else "DenseBlock()"
-    return f"# {summary}", f"features.{_ident(block['module'])} = block = {module}", _shape(cat)
+        raise Unstructured(cat.scope)
+    path = _parent(output, 2)
+    entry = previous  # the block's input: what flows through `features` into it
+    features, matched = [entry.scope], []
+    for _, members in layers:
+        if _parent(members, 3)[:2] != path:
+            raise Unstructured(members[0].scope)
+        matched.append(_layer_chain(graph, members, features, entry))
+        features.append(_output(graph, members).scope)
+    got = inputs(graph, cat.scope)
+    if any(scope not in features for scope in got):
+        raise Unstructured(cat.scope)
+    concats = [m[0] for _, m in layers if m[0].op in (OpKind.CONCAT, OpKind.BUFFER_CONCAT)] + [cat]
+    buffered = all(n.op is OpKind.BUFFER_CONCAT for n in concats) and None not in matched and got == features
+    init.lines.append("")  # the block's comment, filled in below
+    init.lines.append("")
+    line = len(init.lines) - 2
+    env = {scope: f"features[{i}]" for i, scope in enumerate(features)}
+    for (unit, members), chain in zip(layers, matched, strict=True):
+        if chain is None:
+            call = _graph_unit(graph, unit, members, env, classes, "features: list[Tensor]")
+        else:
+            cin = (members[0] if chain[0] is not members[0] else entry).shape[0]
+            call = classes.instance(graph, UnitKind.DENSE_LAYER, chain, cin, buffered)
+        init.add(f"block.{_ident(members[0].path[2])} = {call}")
+    if got == features:
+        block_class = "BufferedDenseBlock" if buffered else "DenseBlock"
+        module = f"BufferedDenseBlock(channels={_int(cat.attrs.channels)})" if buffered else "DenseBlock()"
+    else:  # the block returns its features in another order, or some of them
+        order = ", ".join(f"features[{features.index(scope)}]" for scope in got)
+        forward = Lines(8)
+        forward.add("features = [x]")
+        forward.add("for layer in self.values():")
+        forward.add("    features.append(layer(features))")
+        forward.add(f"return torch.cat([{order}], 1)", _shape(cat))
+        cls = GraphClass(classes.name("DenseBlockGraph"), UnitKind.BLOCK_OUTPUT, [], forward, "x: Tensor")
+        cls.container = "nn.ModuleDict"
+        classes.all.append(cls)
+        block_class = cls.name
+        module = f"{cls.name}()"
+    outs = [node(graph, scope) for scope in features[1:]]
+    growths = " and ".join(map(str, sorted({n.shape[0] for n in outs})))
+    count = f"{len(outs)} layer{'s' if len(outs) != 1 else ''}"
+    init.lines[line] = f"# {path[1]}: {count} of growth {growths}, {entry.shape[0]} -> {cat.shape[0]} channels"
+    init.lines[line + 1] = f"features.{_ident(path[1])} = block = {module}  # {_shape(cat)}"
+    return cat, block_class
+
+
+def _layer_chain(graph: nx.DiGraph, members: list[Node], features: list[str], entry: Node) -> list[Node] | None:
+    """The chain of a dense layer that reads the concatenation of its block's features in order, or None."""
+    first = members[0]
+    try:
+        if first.op in (OpKind.CONCAT, OpKind.BUFFER_CONCAT):
+            if inputs(graph, first.scope) != features:
+                return None
+            chain = _chain(graph, members[1:], first.scope)
+        else:
+            if features != [entry.scope]:
+                return None
+            chain = _chain(graph, members, entry.scope)
+        _core(chain)
+    except NotAChain:
+        return None
+    return chain if _output(graph, members).scope == chain[-1].scope else None
+
+
+def _graph_unit(graph, unit: Unit, members: list[Node], env: dict[str, str], classes: Classes, argument: str) -> str:
+    """A class of its own for one unit, computing its nodes by following their edges; returns its constructor call."""
+    owner = len(members[0].path) - 1  # modules below the unit's own module
+    forward = Lines(8)
+    env = dict(env)
+    _graph_lines(graph, members, env, owner, forward)
+    forward.add(f"return {env[_output(graph, members).scope]}")
+    base = {UnitKind.DENSE_LAYER: "DenseLayerGraph", UnitKind.TRANSITION: "TransitionGraph"}[unit.kind]
+    cls = GraphClass(classes.name(base), unit.kind, _graph_modules(graph, members, owner), forward, argument)
+    classes.all.append(cls)
+    return f"{cls.name}()"
+
+
+def _flat(graph: nx.DiGraph) -> dict:
+    """The whole network as graph-following code: `features` and the head hold every module at its path."""
+    nodes = ordered(graph)
+    source = nodes[0]
+    feature_nodes = [n for n in nodes if n.path[0] == "features"]
+    head_nodes = [n for n in nodes[1:] if n.path[0] != "features"]
+    init = Lines(8)
+    init.add("# the network as its graph wires it: modules at torchvision's paths, computed in run_features")
+    init.add("self.features = features = nn.Module()")
+    made: set[tuple[str, ...]] = {("features",)}
+    for n in nodes[1:]:
+        if not _is_module(n):
+            continue
+        for m in _literal_modules(graph, n):
+            path = (*n.path[:-1], m.name)
+            for depth in range(1, len(path)):
+                if path[:depth] not in made:
+                    made.add(path[:depth])
+                    init.add(f"{_attr(path[:depth])} = nn.Module()")
+            init.add(f"{_attr(path)} = {_constructor(m)}")
+    # one method computes `features` and keeps each block's output: forward_features and forward_blocks read it
+    graph_code = Lines(8)
+    if settings(graph).memory_format == "channels_last":
+        graph_code.add("x = x.contiguous(memory_format=torch.channels_last)")
+    graph_code.add("f = self.features")
+    env = {source.scope: "x"}
+    _graph_lines(graph, feature_nodes, env, 1, graph_code, via="f")
+    last = feature_nodes[-1] if feature_nodes else source
+    outputs = [env[n.scope] for n in feature_nodes if n.unit.kind is UnitKind.BLOCK_OUTPUT]
+    graph_code.add(f"return [{', '.join([env[last.scope], *outputs])}]")
+    features = Lines(8)
+    features.add("return self.run_features(x)[0]")
+    blocks = Lines(8)
+    blocks.add("return self.run_features(x)[1:]")
+    head = Lines(8)
+    env_head = {last.scope: "x"}
+    _graph_lines(graph, head_nodes, env_head, 0, head)
+    head.add(f"return {env_head[nodes[-1].scope]}")
+    return {
+        "init": init,
+        "head": head,
+        "blocks": blocks,
+        "features": features,
+        "classes": Classes(),
+        "graph_code": graph_code.text(),
+        "input_shape": _shape(source),
+        "features_shape": _shape(last),
+        "dropout": any(n.op is OpKind.DROPOUT for n in nodes),
+        "plain_block": False,
+        "buffered": False,
+    }
+
+
+def _attr(path: tuple[str, ...]) -> str:
+    """`self.<path>` or, below `features`, `features.<rest>` (the local name __init__ gives it)."""
+    if path[0] == "features":
+        return "features." + _dotted(path[1:]) if len(path) > 1 else "features"
+    return f"self.{_dotted(path)}"
 
 
 def _network_name(name) -> str:
@@ -655,31 +905,6 @@ def _network_name(name) -> str:
     return name
 
 
-def _ident(name: str) -> str:
-    """A module name that goes into the source as an attribute: an ASCII identifier, nothing else."""
-    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name) or not name.isascii():
-        raise EmitError(f"torch target: module name {name!r} is not a plain identifier")
-    return name
-
-
-def _int(v) -> str:
-    if type(v) is not int or v < 0:
-        raise EmitError(f"torch target: expected a non-negative integer, got {v!r}")
-    return str(v)
-
-
-def _float(v) -> str:
-    if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
-        raise EmitError(f"torch target: expected a finite number, got {v!r}")
-    return repr(float(v))
-
-
-def _rate(v) -> str:
-    if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or not 0 <= v < 1:
-        raise EmitError(f"torch target: expected a rate in [0, 1), got {v!r}")
-    return repr(float(v))
-
-
 def _tuple(names: list[str]) -> str:
     """An isinstance() argument: one class name, or a tuple of them."""
     return f"({', '.join(names)})" if len(names) > 1 else "".join(names)
@@ -687,3 +912,5 @@ def _tuple(names: list[str]) -> str:
 
 def _shape(n: Node) -> str:
     return "(" + ", ".join(["B", *map(_int, n.shape)]) + ")"
+
+
