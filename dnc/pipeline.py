@@ -18,15 +18,25 @@ from dnc.ir.graph import IRError, verify
 from dnc.ir.infer import infer
 from dnc.ir.limits import Limits, check_limits
 from dnc.ir.lower import lower
-from dnc.ir.passes import NamedPass
+from dnc.ir.passes import NamedPass, Setting
+from dnc.ir.settings import Settings
 
 
 def compile_spec(spec: Spec, source: str = "", passes: Sequence[NamedPass] = ()) -> nx.DiGraph:
-    """Spec -> inferred IR, then each pass in order; `verify` runs after every step."""
+    """Spec -> inferred IR, then each pass in order; `verify` runs after every rewrite.
+
+    A setting (passes.Setting) changes no node: it changes the settings the graph gets at the end.
+    """
     graph = lower(spec, source)
     _verified("lower", graph, inferred=False)
+    chosen = Settings()
     for name, step in (("infer", infer), *passes):
-        graph = _verified(name, step(graph), inferred=True)
+        if isinstance(step, Setting):
+            chosen = step(chosen)
+        else:
+            graph = _verified(name, step(graph), inferred=True)
+    if chosen != Settings():
+        graph.graph["settings"] = chosen  # the graph is this function's own: lowering and each rewrite made it anew
     return graph
 
 

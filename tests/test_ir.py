@@ -231,3 +231,22 @@ def test_dnc_ir_prints_the_text_form(tiny):
     assert result.exit_code == 0, result.output
     assert result.output == ir_text(build(tiny, ["head.classes=5"])[1])
     assert result.output.splitlines()[-2] == "  %classifier = linear[out_features=5](%flatten) : 5"
+
+
+def test_copy_is_what_networkx_copies_and_shares_nothing_mutable():
+    from dnc.ir.graph import copy
+    from dnc.ir.infer import infer
+    from dnc.ir.lower import lower
+
+    graph = infer(lower(load_spec(ROOT / "specs" / "densenet121.yaml", ["blocks=[3,2]"])))
+    graph.graph["settings"] = "anything"
+    new = copy(graph)
+    want = graph.copy()
+    assert new.graph == want.graph and dict(new.nodes(data=True)) == dict(want.nodes(data=True))
+    assert sorted(new.edges(data=True)) == sorted(want.edges(data=True))
+    assert all(new.pred[v][u] is new.succ[u][v] for u, v in new.edges)  # one data dict per edge, as networkx keeps it
+    new.remove_node("features.denseblock1.cat")
+    new.edges["features.conv0", "features.norm0"]["port"] = 7
+    new.graph["name"] = "other"
+    assert "features.denseblock1.cat" in graph and graph.edges["features.conv0", "features.norm0"]["port"] == 0
+    assert graph.graph["name"] == "densenet121"

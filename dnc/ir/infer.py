@@ -10,14 +10,25 @@ from __future__ import annotations
 import networkx as nx
 
 from dnc.errors import ShapeError
-from dnc.ir.graph import Node, Shape, Tensor, graph_input, input_nodes, ordered, replace_node, verify
+from dnc.ir.graph import Node, Shape, Tensor, copy, graph_input, input_nodes, ordered, replace_node
 from dnc.ir.ops import OPS, RuleError, param_count
 
 
 def infer(graph: nx.DiGraph) -> nx.DiGraph:
     """Return a copy of `graph` with every node's shape, tensors, params and MACs filled in."""
-    graph = graph.copy()
+    return infer_in_place(copy(graph))
+
+
+def infer_in_place(graph: nx.DiGraph) -> nx.DiGraph:
+    """`infer` on a graph the caller owns (a pass, on the copy it rewrote): fills it in and returns it.
+
+    A node that is already inferred, and none of whose inputs changed shape in this sweep, is kept as it is: a
+    pass clears what it changes (passes._rewrite), so only those nodes and what they feed are computed again.
+    """
+    changed: set[str] = set()
     for n in ordered(graph):
+        if n.shape is not None and n.tensors is not None and not changed.intersection(graph.pred[n.scope]):
+            continue
         opdef = OPS.get(n.op)
         if opdef is None:
             raise ShapeError(f"no shape rule for op '{n.op}' (node {n.scope})", n.origin)
@@ -28,8 +39,9 @@ def infer(graph: nx.DiGraph) -> nx.DiGraph:
             raise _fail(graph, n, shapes, str(err)) from None
         tensors = tuple(opdef.tensors(n.attrs, shapes))
         macs = opdef.macs(n.attrs, shapes, shape)
+        if shape != n.shape:
+            changed.add(n.scope)
         replace_node(graph, n.replace(shape=shape, tensors=tensors, params=param_count(tensors), macs=macs))
-    verify(graph, inferred=True)
     return graph
 
 

@@ -32,6 +32,7 @@ from dnc.ir.graph import (
     OpKind,
     UnitKind,
     commutes_with_affine,
+    copy,
     input_nodes,
     inputs,
     node,
@@ -39,11 +40,11 @@ from dnc.ir.graph import (
     replace_node,
     takes_pre,
 )
-from dnc.ir.infer import infer
-from dnc.ir.settings import with_settings
+from dnc.ir.infer import infer_in_place
+from dnc.ir.settings import Settings
 
 Pass = Callable[[nx.DiGraph], nx.DiGraph]
-NamedPass = tuple[str, Pass]  # what the pipeline runs: a name and an IR -> IR function
+NamedPass = tuple[str, "Pass | Setting"]  # what the pipeline runs: a name and a rewrite (IR -> IR) or a setting
 
 LEVELS = (0, 1, 2)
 # batch_tile: the most bytes of features one tile of samples may hold. Every op is per sample in eval
@@ -58,8 +59,20 @@ class PassInfo:
     level: int  # the lowest -O level that runs it
     targets: frozenset[str]
     doc: str
-    run: Callable[[nx.DiGraph], nx.DiGraph]
-    kind: str = "rewrite"  # "rewrite": changes nodes; "setting": changes only the graph's Settings
+    run: Callable[[nx.DiGraph], nx.DiGraph] | Setting
+
+    @property
+    def kind(self) -> str:
+        """"rewrite": changes nodes (IR -> IR); "setting": changes only the graph's Settings."""
+        return "setting" if isinstance(self.run, Setting) else "rewrite"
+
+
+def _rewrite(graph: nx.DiGraph, n: Node, **changes) -> None:
+    """Replace `n` by a changed record whose shape, tensors and counts inference fills in again.
+
+    Every node a pass changes or rewires goes through here: `infer_in_place` then recomputes it and what
+    reads it, and leaves the rest (the verifier re-derives every node after every pass anyway)."""
+    replace_node(graph, n.replace(**changes, shape=None, tensors=None, params=None, macs=None))
 
 
 def _sole_consumer(graph: nx.DiGraph, n: Node) -> Node | None:
@@ -76,7 +89,7 @@ def _bypass(graph: nx.DiGraph, dropped: Node, into: Node) -> None:
 
 def pool_first(graph: nx.DiGraph) -> nx.DiGraph:
     """Transition: 2x2 average pool before the 1x1 conv (both linear, so they commute): 1/4 of its MACs."""
-    graph = graph.copy()
+    graph = copy(graph)
     for n in ordered(graph):
         pool = _sole_consumer(graph, n) if n.op is OpKind.CONV else None
         if pool is None or pool.op is not OpKind.AVGPOOL or n.unit.kind is not UnitKind.TRANSITION:
@@ -95,40 +108,40 @@ def pool_first(graph: nx.DiGraph) -> nx.DiGraph:
         for dst, edge in consumers:
             graph.add_edge(n.scope, dst, port=edge["port"])
         # creation order stays a topological order: the pool takes the conv's place
-        replace_node(graph, pool.replace(order=n.order))
-        replace_node(graph, n.replace(order=pool.order))
-    return infer(graph)
+        _rewrite(graph, pool, order=n.order)
+        _rewrite(graph, n, order=pool.order)
+    return infer_in_place(graph)
 
 
 def fold_conv_bn(graph: nx.DiGraph) -> nx.DiGraph:
     """A batch norm right after a conv (stem norm0, each bottleneck's norm2) folded into it; the conv gains a bias."""
-    graph = graph.copy()
+    graph = copy(graph)
     for n in ordered(graph):
         bn = _sole_consumer(graph, n) if n.op is OpKind.CONV else None
         if bn is None or bn.op is not OpKind.BATCHNORM or bn.path[:-1] != n.path[:-1]:
             continue
         attrs = ConvBNAttrs(conv=n.attrs, norm=bn.name, bn=bn.attrs)
         _bypass(graph, bn, n)
-        replace_node(graph, n.replace(op=OpKind.CONV_BN, attrs=attrs))
-    return infer(graph)
+        _rewrite(graph, n, op=OpKind.CONV_BN, attrs=attrs)
+    return infer_in_place(graph)
 
 
 def fuse_bn_relu(graph: nx.DiGraph) -> nx.DiGraph:
     """Pre-activation batch norm + ReLU as one step: a multiply-add by the folded scale and shift, then ReLU."""
-    graph = graph.copy()
+    graph = copy(graph)
     for n in ordered(graph):
         relu = _sole_consumer(graph, n) if n.op is OpKind.BATCHNORM else None
         if relu is None or relu.op is not OpKind.RELU or relu.unit != n.unit:
             continue
         _bypass(graph, relu, n)
-        replace_node(graph, n.replace(op=OpKind.BN_RELU))
-    return infer(graph)
+        _rewrite(graph, n, op=OpKind.BN_RELU)
+    return infer_in_place(graph)
 
 
 def fold_preact_bn(graph: nx.DiGraph) -> nx.DiGraph:
     """A pre-activation BN+ReLU feeding a 1x1 conv or the classifier: the BN's scale and shift move into that
     layer (across pools), its ReLU becomes a per-channel clamp: one pass over the data instead of two."""
-    graph = graph.copy()
+    graph = copy(graph)
     for n in ordered(graph):
         relu = _sole_consumer(graph, n) if n.op is OpKind.BATCHNORM else None
         fused = n.op is OpKind.BN_RELU
@@ -141,14 +154,14 @@ def fold_preact_bn(graph: nx.DiGraph) -> nx.DiGraph:
         if not fused:
             _bypass(graph, relu, n)
         # relu(s*x + b) = s*max(x, -b/s) + b where s > 0 (min where s < 0): the clamp stays, s and b move on
-        replace_node(graph, n.replace(op=OpKind.BN_CLAMP))
+        _rewrite(graph, n, op=OpKind.BN_CLAMP)
         pre = n.path[len(parent) :]
         if target.op is OpKind.CONV_BN:
             attrs = dataclasses.replace(target.attrs, conv=dataclasses.replace(target.attrs.conv, pre=pre))
         else:
             attrs = dataclasses.replace(target.attrs, pre=pre)
-        replace_node(graph, target.replace(attrs=attrs))
-    return infer(graph)
+        _rewrite(graph, target, attrs=attrs)
+    return infer_in_place(graph)
 
 
 def _affine_reader(graph: nx.DiGraph, n: Node) -> Node | None:
@@ -166,42 +179,42 @@ def _affine_reader(graph: nx.DiGraph, n: Node) -> Node | None:
 
 def block_buffer(graph: nx.DiGraph) -> nx.DiGraph:
     """Each dense block writes every layer's new features once into one preallocated buffer; concats become views."""
-    graph = graph.copy()
+    graph = copy(graph)
+    # the block buffer holds the block's output: its concat's channels
+    outputs = {n.unit.block: n.shape[0] for n in ordered(graph) if n.unit.kind is UnitKind.BLOCK_OUTPUT}
     for n in ordered(graph):
         if n.op is not OpKind.CONCAT or n.unit.kind not in (UnitKind.DENSE_LAYER, UnitKind.BLOCK_OUTPUT):
             continue
-        total = (n if n.unit.kind is UnitKind.BLOCK_OUTPUT else _block_output(graph, n)).shape[0]
-        replace_node(graph, n.replace(op=OpKind.BUFFER_CONCAT, attrs=BufferAttrs(total)))
-    # NOTE: autograd cannot train through it: every layer's saved input is a view of a buffer written later
-    return infer(graph)
+        if n.unit.block not in outputs:
+            raise DncError(f"{n.scope}: its dense block has no output concat")
+        _rewrite(graph, n, op=OpKind.BUFFER_CONCAT, attrs=BufferAttrs(outputs[n.unit.block]))
+    return infer_in_place(graph)
 
 
-def _block_output(graph: nx.DiGraph, n: Node) -> Node:
-    """The concat that ends `n`'s dense block: it reads the block input too."""
-    first = input_nodes(graph, n)[0]
-    for dst in graph.succ[first.scope]:
-        d = node(graph, dst)
-        if d.unit.kind is UnitKind.BLOCK_OUTPUT and d.unit.block == n.unit.block:
-            return d
-    raise DncError(f"{n.scope}: no block output reads {first.scope}")
+@dataclass(frozen=True)
+class Setting:
+    """A pass that only chooses settings: Settings -> Settings. It changes no node, so the pipeline applies it to the
+    graph's settings without copying or re-verifying the graph."""
+
+    changes: tuple[tuple[str, object], ...]
+    doc: str
+
+    def __call__(self, settings: Settings) -> Settings:
+        return settings.replace(**dict(self.changes))
 
 
-def batch_tile(graph: nx.DiGraph) -> nx.DiGraph:
-    """Dense blocks and transitions run a few samples at a time: less memory, data nearer the caches."""
-    # NOTE: exact only in eval mode: a training batch norm's statistics span the whole batch
-    return with_settings(graph, batch_tile_bytes=TILE_BYTES)
-
-
-def onednn_1x1(graph: nx.DiGraph) -> nx.DiGraph:
-    """1x1 convolutions call oneDNN directly on the CPU in float32, where torch would pick a GEMM instead."""
-    # NOTE: torch runs a 1x1 conv below batch 16 on one thread as an MKL GEMM (its heuristic: faster
-    # single-threaded on the CPUs it was tuned on); oneDNN's AVX-512 kernel measured 1.4-2.3x faster here.
-    return with_settings(graph, conv1x1="onednn")
-
-
-def channels_last(graph: nx.DiGraph) -> nx.DiGraph:
-    """Run in the channels_last memory format (NHWC): the input is converted once, inside forward."""
-    return with_settings(graph, memory_format="channels_last")
+# NOTE: exact only in eval mode: a training batch norm's statistics span the whole batch (Settings.eval_only)
+batch_tile = Setting((("batch_tile_bytes", TILE_BYTES),), "Dense blocks and transitions run a few samples at a time.")
+# NOTE: torch runs a 1x1 conv below batch 16 on one thread as an MKL GEMM (its heuristic: faster single-threaded on
+# the CPUs it was tuned on); oneDNN's AVX-512 kernel measured 1.4-2.3x faster here.
+onednn_1x1 = Setting(
+    (("conv1x1", "onednn"),),
+    "1x1 convolutions call oneDNN directly on the CPU in float32, where torch would pick a GEMM instead.",
+)
+channels_last = Setting(
+    (("memory_format", "channels_last"),),
+    "Run in the channels_last memory format (NHWC): the input is converted once, inside forward.",
+)
 
 
 _tile_doc = f"Dense blocks and transitions run as many samples at a time as {size_text(TILE_BYTES)} of features hold."
@@ -209,13 +222,13 @@ PASSES: dict[str, PassInfo] = {
     p.name: p
     for p in (
         PassInfo("pool_first", 1, frozenset({"torch", "onnx"}), pool_first.__doc__, pool_first),
-        PassInfo("onednn_1x1", 1, frozenset({"torch"}), onednn_1x1.__doc__, onednn_1x1, "setting"),
+        PassInfo("onednn_1x1", 1, frozenset({"torch"}), onednn_1x1.doc, onednn_1x1),
         PassInfo("fold_conv_bn", 2, frozenset({"torch", "onnx"}), fold_conv_bn.__doc__, fold_conv_bn),
         PassInfo("fuse_bn_relu", 2, frozenset({"torch", "onnx"}), fuse_bn_relu.__doc__, fuse_bn_relu),
         PassInfo("fold_preact_bn", 2, frozenset({"torch"}), fold_preact_bn.__doc__, fold_preact_bn),
         PassInfo("block_buffer", 2, frozenset({"torch"}), block_buffer.__doc__, block_buffer),
-        PassInfo("batch_tile", 2, frozenset({"torch"}), _tile_doc, batch_tile, "setting"),
-        PassInfo("channels_last", 2, frozenset({"torch"}), channels_last.__doc__, channels_last, "setting"),
+        PassInfo("batch_tile", 2, frozenset({"torch"}), _tile_doc, batch_tile),
+        PassInfo("channels_last", 2, frozenset({"torch"}), channels_last.doc, channels_last),
     )
 }
 

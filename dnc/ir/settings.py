@@ -51,9 +51,3 @@ def settings(graph: nx.DiGraph) -> Settings:
     """The graph's settings (the defaults where no pass chose any)."""
     return graph.graph.get("settings") or Settings()
 
-
-def with_settings(graph: nx.DiGraph, **changes) -> nx.DiGraph:
-    """A copy of `graph` whose settings have `changes`; the nodes are the same."""
-    out = graph.copy()
-    out.graph["settings"] = settings(graph).replace(**changes)
-    return out
