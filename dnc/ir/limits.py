@@ -196,5 +196,3 @@ def chain_cost(chain: list[Step], shape: Shape, count_input: bool = True) -> tup
     if not count_input:
         kept.pop(-1, None)
     return params, macs, sum(kept.values()), shapes[len(chain) - 1]
-
-

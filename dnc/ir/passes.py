@@ -63,7 +63,7 @@ class PassInfo:
 
     @property
     def kind(self) -> str:
-        """"rewrite": changes nodes (IR -> IR); "setting": changes only the graph's Settings."""
+        """ "rewrite": changes nodes (IR -> IR); "setting": changes only the graph's Settings."""
         return "setting" if isinstance(self.run, Setting) else "rewrite"
 
 

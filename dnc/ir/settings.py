@@ -50,4 +50,3 @@ class Settings:
 def settings(graph: nx.DiGraph) -> Settings:
     """The graph's settings (the defaults where no pass chose any)."""
     return graph.graph.get("settings") or Settings()
-

@@ -912,5 +912,3 @@ def _tuple(names: list[str]) -> str:
 
 def _shape(n: Node) -> str:
     return "(" + ", ".join(["B", *map(_int, n.shape)]) + ")"
-
-
