@@ -26,7 +26,10 @@ def compile_spec(spec: Spec, source: str = "", passes: Sequence[NamedPass] = ())
     graph = lower(spec, source)
     _verified("lower", graph, inferred=False)
     for name, step in (("infer", infer), *passes):
+        before = graph.graph.get("inference_only")
         graph = _verified(name, step(graph), inferred=True)
+        if graph.graph.get("inference_only") and not before:
+            graph.graph["inference_only_by"] = name  # the pass that made it so, for messages
     return graph
 
 
