@@ -60,10 +60,16 @@ class Document:
 def load_spec(path: str | FsPath, overrides: typing.Sequence[str] = (), roots: Sequence[str | FsPath] = ()) -> Spec:
     """Read, merge (`extends`), override (`--set`) and validate one spec file.
 
-    `extends:` may read files inside `spec_root(path)` and inside any of `roots`.
+    The file (where a symbolic link leads) and every file `extends:` reads must be inside
+    `spec_root(path)` or inside one of `roots`.
     """
     path = FsPath(path)
     allowed = (spec_root(path), *(FsPath(os.path.realpath(r)) for r in roots))
+    real = FsPath(os.path.realpath(path))
+    if os.path.lexists(path) and not _inside(real, allowed):  # a missing file: the reader says so
+        raise SpecError(
+            f"leaves the spec root {_roots(allowed)} through a symbolic link (see --spec-root)", Location(str(path))
+        )
     doc = load_document(path, roots=allowed)
     for text in overrides:
         _apply_override(doc, text)
@@ -71,13 +77,15 @@ def load_spec(path: str | FsPath, overrides: typing.Sequence[str] = (), roots: S
 
 
 def spec_root(path: str | FsPath) -> FsPath:
-    """Where a spec's `extends:` may read: the enclosing git work tree, else the spec's own folder.
+    """Where a spec may read: the git work tree enclosing where `path` stands, else its folder (a real path).
 
-    A spec in a pull request may name its parent by any path; only files of the same
-    checkout can be parents, never `/etc/passwd` or a file in the user's home.
+    A spec in a pull request may name its parent by any path, and may itself be a symbolic
+    link: only files of the same checkout can be read, never `/etc/passwd` or a file in the
+    user's home. The root comes from where the named path stands, not from where a link
+    leads, so that a link cannot choose its own root.
     """
-    here = FsPath(os.path.realpath(FsPath(path).parent if str(path) else "."))
-    return work_tree(here) or here
+    here = FsPath(os.path.abspath(FsPath(path).parent if str(path) else "."))
+    return FsPath(os.path.realpath(work_tree(here) or here))
 
 
 def load_document(path: FsPath, _chain: tuple[FsPath, ...] = (), roots: Sequence[FsPath] = ()) -> Document:
