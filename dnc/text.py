@@ -72,9 +72,10 @@ def quoted(text: str, limit: int = 80) -> str:
 
 
 def comment_safe(text: str) -> str:
-    """Text for a `#` comment in generated Python: printable ASCII only, everything else escaped.
+    """Text for a `#` comment in generated Python or an ONNX string: printable ASCII only, everything else escaped.
 
-    ASCII keeps PEP 263 encoding cookies and homoglyphs out; `visible` keeps line breaks out.
+    ASCII keeps PEP 263 encoding cookies and homoglyphs out, and file names that are not
+    UTF-8 (undecodable bytes arrive as surrogates) escaped; `visible` keeps line breaks out.
     """
     shown = visible(text)
     return shown.encode("ascii", "backslashreplace").decode("ascii")
