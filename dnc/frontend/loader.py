@@ -28,11 +28,12 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML, events
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.constructor import RoundTripConstructor
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from dnc.errors import DncWarning, Location, SpecError, SpecErrors
 from dnc.files import read_bounded, size_text, work_tree
-from dnc.frontend.spec import Path, RuleError, Spec
+from dnc.frontend.spec import Path, RuleError, Spec, WrittenFloat
 
 MAX_EXTENDS_DEPTH = 16
 MAX_SPEC_BYTES = 256 * 1024  # the zoo's largest spec is under 1 KiB
@@ -216,6 +217,8 @@ def parse_yaml(text: str, source: str, typ: str = "rt", not_a_spec: type[Excepti
         raise SpecError(f"control character U+{ord(bad.group()):04X} is not allowed", Location(source, line, col))
     _check_brackets(text, source)
     yaml = YAML(typ=typ, pure=True)
+    if typ == "rt":
+        yaml.Constructor = _Constructor
     yaml.allow_duplicate_keys = False
     try:
         with warnings.catch_warnings(record=True) as caught:  # ruamel warns of reused anchors its own way
@@ -237,6 +240,16 @@ def parse_yaml(text: str, source: str, typ: str = "rt", not_a_spec: type[Excepti
         if isinstance(warning.message, DncWarning):
             warnings.warn(warning.message, stacklevel=2)
     return root
+
+
+class _Constructor(RoundTripConstructor):
+    """ruamel's round-trip constructor, but a plain decimal keeps the text it was written as (`WrittenFloat`)."""
+
+    def construct_yaml_float(self, node: Any) -> Any:
+        return WrittenFloat.parse(node.value) or super().construct_yaml_float(node)
+
+
+_Constructor.add_constructor("tag:yaml.org,2002:float", _Constructor.construct_yaml_float)
 
 
 def _position(before: str, offset: int) -> tuple[int, int]:
@@ -347,7 +360,9 @@ def _plain(node: Any, path: Path, source: str, doc: Document) -> Any:
 
 
 def _scalar(value: Any) -> Any:
-    # ruamel's round-trip scalars subclass the builtins; hand pydantic the builtins
+    # ruamel's round-trip scalars subclass the builtins; hand pydantic the builtins (and decimals as written)
+    if isinstance(value, WrittenFloat):
+        return value
     for kind in (bool, int, float, str):
         if isinstance(value, kind):
             return kind(value)
@@ -414,7 +429,7 @@ def parse_override(text: str) -> tuple[Path, Any]:
     try:
         value = _simple_scalar(raw.strip()) if raw.strip() else None
         if value is _NOT_SIMPLE:
-            value = _plain_value(parse_yaml(raw, where.source, typ="safe"))
+            value = _plain_value(parse_yaml(raw, where.source))  # round-trip: decimals keep their text
     except SpecError as err:
         raise SpecError(f"value is not valid YAML: {err.message}", where) from None
     if isinstance(value, list) and path == ("blocks",):
@@ -439,7 +454,7 @@ def _simple_scalar(raw: str) -> Any:
     if _INT.fullmatch(raw):
         return int(raw)
     if _FLOAT.fullmatch(raw):
-        return float(raw)
+        return WrittenFloat(raw)
     if raw in ("true", "True", "TRUE", "false", "False", "FALSE"):
         return raw.lower() == "true"
     if raw in ("null", "Null", "NULL", "~"):
