@@ -22,6 +22,7 @@ from pathlib import Path
 
 import click
 
+from dnc import __version__
 from dnc.errors import DncError, DncWarning
 from dnc.ir.limits import Limits
 from dnc.pipeline import build  # every command loads specs: networkx, pydantic, ruamel
@@ -236,7 +237,7 @@ def fail(err: DncError) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="dnc")
+@click.version_option(__version__, prog_name="dnc")
 def main():
     """dnc: compile declarative DenseNet specs to PyTorch and ONNX."""
     # NOTE: the imports above are long-lived; without this, each GC pass rescans them
@@ -568,6 +569,9 @@ def run() -> None:
     """The console entry point: click's own usage errors become one line and exit 2 too."""
     try:
         code = main.main(prog_name="dnc", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as err:  # bare `dnc`: the help, as click prints it, and exit 2
+        err.show()
+        sys.exit(err.exit_code)
     except click.ClickException as err:  # a bad option, a missing argument, a bad choice
         ctx = getattr(err, "ctx", None)
         where = ctx.command_path if ctx else "dnc"

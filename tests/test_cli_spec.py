@@ -263,7 +263,7 @@ def test_help_and_version_exit_0():
     assert run_dnc("--help").returncode == 0
     assert run_dnc("compile", "--help").returncode == 0
     version = run_dnc("--version")
-    assert version.returncode == 0 and "0.1.0" in version.stdout
+    assert version.returncode == 0 and version.stdout == "dnc, version 0.2.0\n"
 
 
 def test_a_pass_both_asked_for_and_refused_is_one_line():
@@ -308,3 +308,11 @@ def test_summary_title_says_which_passes_ran():
     both = dnc_cli("summary", "specs/densenet121.yaml", "-O1", "--no-pass", "pool_first")
     assert both.stdout.startswith("densenet121 -O1 --no-pass pool_first  (input")
     assert dnc_cli("summary", "specs/densenet121.yaml").stdout.startswith("densenet121  (input")
+
+
+def test_bare_dnc_prints_clicks_usage_on_several_lines():
+    result = run_dnc()
+    assert result.returncode == 2  # as click does for a group without a command
+    lines = result.stderr.splitlines()
+    assert lines[0] == "Usage: dnc [OPTIONS] COMMAND [ARGS]..." and "\\n" not in result.stderr
+    assert "Commands:" in lines and any(line.strip().startswith("compile ") for line in lines)
