@@ -10,9 +10,9 @@ more than twice the network's float32 weights (a float64 checkpoint is that) plu
 than the network's values, safetensors entries whose data overlap, a pickle larger than
 its keys need, compressed zip members (a small file that inflates), and tensors that are
 views whose logical size exceeds their storage (stride 0, overlapping views). Views of one
-storage that do not overlap (flat-parameter checkpoints) are legal. The zip format is
-memory-mapped, so a value costs memory only once it is read; values are checked in
-chunks, so no check allocates a tensor's size again.
+storage that do not overlap (flat-parameter checkpoints, slices, transposes) are legal. The
+zip format is memory-mapped, so a value costs memory only once it is read; values are
+checked in chunks, so no check allocates a tensor's size again.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import re
 import warnings
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -98,19 +98,24 @@ def read_checkpoint(path: str | Path, expected: Mapping[str, tuple[int, ...]] | 
 
 def _check_values(key: str, value: np.ndarray, where: Location) -> None:
     """Refuse NaN, infinities and values that float32 (what the targets compute in) cannot hold; chunk by chunk."""
-    flat = _flat(value)
-    for start in range(0, flat.size, CHUNK):
-        chunk = flat[start : start + CHUNK]
+    for chunk in _chunks(value):
         if not np.isfinite(chunk).all():
             raise WeightsError(f"{key}: holds NaN or infinite values", where)
         if chunk.dtype.itemsize > 4 and (np.abs(chunk) > FLOAT32_MAX).any():
             raise WeightsError(f"{key}: holds values beyond float32's range (largest {FLOAT32_MAX:.4g})", where)
 
 
-def _flat(value: np.ndarray) -> np.ndarray:
-    """A 1-D view of an array whose elements fill its span once (checked before): its axes ordered by stride."""
-    order = sorted(range(value.ndim), key=lambda axis: -abs(value.strides[axis]))
-    return value.transpose(order).reshape(-1, copy=False)  # raises rather than copy
+def _chunks(value: np.ndarray) -> Iterator[np.ndarray]:
+    """`value` in views of at most CHUNK elements, whatever its strides: a check of one allocates no more."""
+    if value.ndim == 0 or value.size <= CHUNK:
+        yield value
+    elif value[0].size > CHUNK:
+        for row in value:
+            yield from _chunks(row)
+    else:
+        rows = CHUNK // max(1, value[0].size)
+        for start in range(0, len(value), rows):
+            yield value[start : start + rows]
 
 
 def _check_size(size: int, expected: Mapping[str, tuple[int, ...]] | None, where: Location) -> None:
@@ -316,27 +321,32 @@ def _storage_span(key: str, tensor: torch.Tensor, where: Location) -> tuple[int,
     size, stride, item = tuple(tensor.shape), tuple(tensor.stride()), tensor.element_size()
     if tensor.numel() == 0:
         return (0, 0)
-    if not _dense(size, stride):
+    extent = _extent(size, stride)
+    if extent is None:
         raise WeightsError(
-            f"{key}: a view of shape {size} with strides {stride} reads its storage's elements more than once "
-            "(an expanded or overlapping tensor); save it with .contiguous()",
+            f"{key}: a view of shape {size} with strides {stride} reads some of its storage's elements more than "
+            "once (an expanded or overlapping tensor); save it with .contiguous()",
             where,
         )
-    begin = tensor.untyped_storage().data_ptr() + tensor.storage_offset() * item
-    end = begin + tensor.numel() * item
-    if tensor.storage_offset() * item + tensor.numel() * item > tensor.untyped_storage().nbytes():
-        raise WeightsError(f"{key}: a view larger than its storage", where)
-    return (begin, end)
+    offset = tensor.storage_offset() * item
+    if offset + (extent + 1) * item > tensor.untyped_storage().nbytes():
+        raise WeightsError(f"{key}: a view that reaches past its storage", where)
+    begin = tensor.untyped_storage().data_ptr() + offset
+    return (begin, begin + (extent + 1) * item)
 
 
-def _dense(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
-    """Whether a view's elements fill its span exactly once: a contiguous layout, its axes in any order."""
-    expected = 1
-    for stride, size in sorted((stride, size) for size, stride in zip(shape, strides, strict=True) if size != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
+def _extent(shape: tuple[int, ...], strides: tuple[int, ...]) -> int | None:
+    """The offset of a view's last element from its first, or None if two of its elements are one in storage.
+
+    Axes taken by increasing stride: each stride must pass everything the smaller axes reach, so
+    that no element is reached twice (contiguous layouts, transposes and slices pass; stride 0 does not).
+    """
+    extent = 0
+    for stride, size in sorted((stride, size) for size, stride in zip(shape, strides, strict=True) if size > 1):
+        if stride <= extent:
+            return None
+        extent += stride * (size - 1)
+    return extent
 
 
 def _torch_load_reason(err: Exception) -> str:

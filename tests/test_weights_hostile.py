@@ -199,6 +199,9 @@ def test_views_of_one_storage_are_legal_apart_and_refused_overlapping(tmp_path):
     assert out["a.bias"][0] == 256 * 1024 and out["a.weight"][1, 0] == 1024
     transposed = {"a.weight": flat[: 256 * 1024].view(1024, 256).t(), "a.bias": flat[256 * 1024 :]}
     assert read_checkpoint(save(tmp_path, transposed), BIG)["a.weight"][0, 1] == 256  # dense, axes swapped
+    wide = torch.arange(256 * 2048, dtype=torch.float32).view(256, 2048)
+    sliced = {"a.weight": wide[:, ::2], "a.bias": torch.zeros(256)}  # every other column: no element twice
+    assert read_checkpoint(save(tmp_path, sliced), BIG)["a.weight"][1, 1] == 2048 + 2
     overlapping = {"a.weight": flat[: 256 * 1024].view(256, 1024), "a.bias": flat[1000:1256]}
     with pytest.raises(WeightsError, match="the data of a.bias overlaps the data of a.weight"):
         read_checkpoint(save(tmp_path, overlapping), BIG)
