@@ -134,8 +134,8 @@ def _check_settings(t, settings: dict) -> None:
         if key not in types:
             raise DncError(f"{key}: not an option of --target {t.name}")
         kind, least = types[key]
-        ok = isinstance(value, Path) if kind is str else False
-        ok = ok or (type(value) is kind and (least is None or value >= least))
+        # a string (or a path given on the command line), or exactly an int: a record's true, 1.5 or 1e999 is not one
+        ok = isinstance(value, str | Path) if kind is str else type(value) is kind and (least is None or value >= least)
         if not ok:
             expected = "a string" if kind is str else "an integer"
             expected += f" of at least {least}" if least is not None else ""
