@@ -8,4 +8,4 @@ The pipeline, one module per stage (each arrow a pure function):
     emit_torch / emit_onnx   IR -> generated code or model
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place the version is decided (pyproject.toml reads it)

@@ -6,8 +6,8 @@ that `dnc validate` and `dnc summary` stay fast.
 Exit codes: 0 success, 1 a difference or failed check (diff, verify, compile
 --check), 2 a user's mistake (one line on stderr), 3 a bug in dnc, 130 interrupted,
 141 the reader of stdout went away. Every line printed that carries text from
-outside (a path, a key, a revision) goes through `text.visible`, so one error is
-one line and no spec can forge a line or send a terminal escape.
+outside (a path, a key, a revision) goes through `text.echoed`, so one error is
+one line, no spec can forge a line or send a terminal escape, and no argument floods a log.
 """
 
 from __future__ import annotations
@@ -22,17 +22,19 @@ from pathlib import Path
 
 import click
 
+from dnc import __version__
 from dnc.errors import DncError, DncWarning
 from dnc.ir.limits import Limits
 from dnc.pipeline import build  # every command loads specs: networkx, pydantic, ruamel
 from dnc.targets import TARGETS
-from dnc.text import visible
+from dnc.text import echoed
 
 TARGET_NAMES = list(TARGETS)
 
 EXIT_ERROR = 2
 EXIT_BUG = 3
 EXIT_PIPE = 141  # 128 + SIGPIPE, as a shell reports a writer killed by a closed pipe
+MAX_BATCH = 10**9  # --batch: far beyond any device, and every figure of the estimate stays a finite float
 
 spec_args = click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 spec_arg = click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
@@ -42,6 +44,11 @@ set_option = click.option(
     multiple=True,
     metavar="PATH=VALUE",
     help="Override a spec field, e.g. --set growth_rate=48 --set blocks.2.layers=32 (repeatable).",
+)
+
+
+force_option = click.option(
+    "--force", is_flag=True, help="Replace an existing file that dnc did not write (dnc replaces only its own)."
 )
 
 
@@ -104,11 +111,35 @@ def _pass_settings(t, opt_level, pass_, no_pass) -> dict:
 
 
 def _passes(t, settings: dict) -> list:
+    """The passes a compile with these settings runs (`_pass_settings`, or a generated file's record).
+
+    A record is read back from a file anyone can edit: settings no compile writes are refused.
+    """
     from dnc.ir.passes import select
 
+    _check_settings(t, settings)
     level = settings.get("opt_level", t.default_level)
-    on, off = (str(settings.get(k, "")).split(",") for k in ("pass", "no_pass"))
-    return select(t.name, int(level), [w for w in on if w], [w for w in off if w])
+    on, off = ([w for w in settings.get(k, "").split(",") if w] for k in ("pass", "no_pass"))
+    both = sorted(set(on) & set(off))
+    if both:
+        raise DncError(f"--pass {both[0]} and --no-pass {both[0]} contradict each other: give one")
+    return select(t.name, level, on, off)
+
+
+def _check_settings(t, settings: dict) -> None:
+    """Refuse a setting that `dnc compile` does not take, or a value of another type or below its least."""
+    types = {"opt_level": (int, None), "pass": (str, None), "no_pass": (str, None)}
+    types |= {o.name: (str if o.type is Path else o.type, o.minimum) for o in t.options}
+    for key, value in settings.items():
+        if key not in types:
+            raise DncError(f"{key}: not an option of --target {t.name}")
+        kind, least = types[key]
+        # a string (or a path given on the command line), or exactly an int: a record's true, 1.5 or 1e999 is not one
+        ok = isinstance(value, str | Path) if kind is str else type(value) is kind and (least is None or value >= least)
+        if not ok:
+            expected = "a string" if kind is str else "an integer"
+            expected += f" of at least {least}" if least is not None else ""
+            raise DncError(f"{key}: expected {expected}, got {json.dumps(value)[:40]}")
 
 
 def _option_type(opt):
@@ -168,8 +199,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def say(line: str, err: bool = False) -> None:
-    """Echo one line of text that may carry outside text: controls, newlines and bidi marks shown escaped."""
-    click.echo(visible(line), err=err)
+    """Echo one line of text that may carry outside text: controls, newlines and bidi marks shown escaped, cut short."""
+    click.echo(echoed(line), err=err)
 
 
 def closed_pipe() -> None:
@@ -185,7 +216,7 @@ def closed_pipe() -> None:
 def error_line(err: DncError) -> str:
     """`file:line:col: error: message`, on one line whatever the path and message hold."""
     line = f"{err.location}: error: {err.message}" if err.location else f"dnc: error: {err.message}"
-    return visible(line)
+    return echoed(line)
 
 
 MAX_ERRORS = 20  # lines of errors shown for one spec; then "… and N more"
@@ -206,7 +237,7 @@ def fail(err: DncError) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="dnc")
+@click.version_option(__version__, prog_name="dnc")
 def main():
     """dnc: compile declarative DenseNet specs to PyTorch and ONNX."""
     # NOTE: the imports above are long-lived; without this, each GC pass rescans them
@@ -240,7 +271,7 @@ def validate(specs, overrides, policy):
 @click.option("--target", default="torch", show_default=True, help="The target whose passes run (MACs after them).")
 @click.option(
     "--batch",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_BATCH),
     default=None,
     help="Also estimate the memory a float32 training step with this batch size takes (no torch needed).",
 )
@@ -255,10 +286,15 @@ def summary(spec, overrides, fmt, target, batch, opt_level, pass_, no_pass, poli
     from dnc.targets import target as find_target
 
     t = find_target(target)
-    _, graph = build(spec, overrides, passes=_passes(t, _pass_settings(t, opt_level, pass_, no_pass)), **policy)
+    settings = _pass_settings(t, opt_level, pass_, no_pass)
+    _, graph = build(spec, overrides, passes=_passes(t, settings), **policy)
     result = summarize(graph)
     if batch and inference_only(graph):
-        raise DncError("--batch estimates training memory: choose -O0 or -O1 (what -O2 emits does not train)")
+        by = graph.graph.get("inference_only_by", "")
+        raise DncError(
+            f"--batch estimates training memory, but pass {by} makes the network inference-only "
+            f"(it is exact in eval mode only): run only passes that keep training (-O0 or -O1, without --pass {by})"
+        )
     memory = training_memory(graph, batch) if batch else None
     if fmt == "json":
         data = result.to_json()
@@ -268,9 +304,15 @@ def summary(spec, overrides, fmt, target, batch, opt_level, pass_, no_pass, poli
         return
     from dnc.reports.render import memory_table, summary_table
 
-    summary_table(result)
+    summary_table(result, _level_label(opt_level, settings))
     if memory:
         memory_table(memory)
+
+
+def _level_label(opt_level: int | None, settings: dict) -> str:
+    """What the passes given on the command line were, for a title: `-O2`, `-O0 --pass fold_conv_bn`."""
+    words = [f"-O{opt_level}"] if opt_level is not None else []
+    return " ".join(words + [f"--{k.replace('_', '-')} {settings[k]}" for k in ("pass", "no_pass") if k in settings])
 
 
 @main.command()
@@ -304,27 +346,30 @@ SPECS_DIR = Path("specs")
 @click.option(
     "-o",
     "--out-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Output folder [torch: generated/, onnx: build/onnx/].",
+    type=click.Path(path_type=Path),
+    help="Output folder [torch: generated/, onnx: build/onnx/]; for one spec, a path ending in .py or .onnx "
+    "is the file.",
 )
 @click.option(
     "--check",
     is_flag=True,
     help="Write nothing; exit 1 naming each output that is missing or stale (judged by the options recorded in it).",
 )
+@force_option
 @target_options
 @pass_options
 @set_option
 @build_options
 @report_errors
-def compile_(specs, target, out_dir, check, overrides, policy, opt_level, pass_, no_pass, **options):
+def compile_(specs, target, out_dir, check, force, overrides, policy, opt_level, pass_, no_pass, **options):
     """Emit code for SPECS (default: every specs/*.yaml), one file per spec: OUT_DIR/<name>.py or .onnx.
 
     Every spec is compiled before anything is written; a file is rewritten (atomically)
-    only when its content changed. Each file records the command that regenerates it.
+    only when its content changed, and only if dnc wrote it (or with --force). Each file
+    records the command that regenerates it.
     """
     from dnc.targets import target as find_target
-    from dnc.targets.outputs import plan_outputs, stale_outputs, write_outputs
+    from dnc.targets.outputs import Destination, plan_outputs, stale_outputs, write_outputs
 
     t = find_target(target)
     given = {name: value for name, value in options.items() if value is not None}
@@ -335,7 +380,9 @@ def compile_(specs, target, out_dir, check, overrides, policy, opt_level, pass_,
         raise DncError(f"--weights fits one network: give exactly one spec, not {len(specs) or 'all of specs/'}")
     given |= _pass_settings(t, opt_level, pass_, no_pass)
     _passes(t, given)  # unknown names fail before any spec is read
-    out_dir = out_dir or t.default_out
+    out = Destination.given(out_dir, t.default_out, t.suffix)
+    if out.file and len(specs) != 1:
+        raise DncError(f"-o {out.path}: a {t.suffix} file holds one network: give exactly one spec, or -o a folder")
     every_spec = not specs
     recorded = check and not overrides and not given
     outputs = plan_outputs(
@@ -344,13 +391,13 @@ def compile_(specs, target, out_dir, check, overrides, policy, opt_level, pass_,
         t.emit,
         given,
         t.suffix,
-        out_dir,
+        out,
         recorded=recorded,
         policy=policy,
         passes=functools.partial(_passes, t),
     )
     if check:
-        problems = stale_outputs(outputs, out_dir, t.suffix, every_spec=every_spec)
+        problems = stale_outputs(outputs, out.path, t.suffix, every_spec=every_spec and not out.file)
         for line in problems:
             say(line, err=True)
         if problems:
@@ -358,7 +405,7 @@ def compile_(specs, target, out_dir, check, overrides, policy, opt_level, pass_,
             sys.exit(1)
         click.echo(f"{len(outputs)} generated file(s) up to date")
         return
-    changed = write_outputs(outputs)
+    changed = write_outputs(outputs, out.within, force=force)
     for path in outputs:
         say(f"{path}: {'written' if path in changed else 'unchanged'}")
 
@@ -501,21 +548,25 @@ def diff(a, b, overrides, fmt, policy):
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write here (atomically). Default: stdout for dot and mermaid, <name>.svg / <name>.png for images.",
 )
+@force_option
 @build_options
 @report_errors
-def graph(spec, overrides, detail, fmt, output, policy):
+def graph(spec, overrides, detail, fmt, output, force, policy):
     """Draw the architecture: DOT or Mermaid source, or SVG/PNG through Graphviz `dot`."""
-    from dnc.reports.pictures import IMAGE_FORMATS, picture, render_image, render_text
+    from dnc.reports.pictures import IMAGE_FORMATS, check_layout, picture, render_image, render_text
     from dnc.targets.outputs import write_outputs
 
     spec_model, ir = build(spec, overrides, **policy)
-    text = render_text(picture(ir, detail), "dot" if fmt in IMAGE_FORMATS else fmt)
+    drawing = picture(ir, detail)
+    if fmt in IMAGE_FORMATS:
+        check_layout(drawing)
+    text = render_text(drawing, "dot" if fmt in IMAGE_FORMATS else fmt)
     if fmt not in IMAGE_FORMATS and output is None:
         click.echo(text, nl=False)
         return
     data = render_image(text, fmt) if fmt in IMAGE_FORMATS else text.encode()
     output = output or Path(f"{spec_model.name}.{fmt}")
-    write_outputs({output: data})
+    write_outputs({output: data}, output.parent, force=force)
     say(f"wrote {output}", err=True)
 
 
@@ -523,6 +574,9 @@ def run() -> None:
     """The console entry point: click's own usage errors become one line and exit 2 too."""
     try:
         code = main.main(prog_name="dnc", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as err:  # bare `dnc`: the help, as click prints it, and exit 2
+        err.show()
+        sys.exit(err.exit_code)
     except click.ClickException as err:  # a bad option, a missing argument, a bad choice
         ctx = getattr(err, "ctx", None)
         where = ctx.command_path if ctx else "dnc"

@@ -14,7 +14,7 @@ import networkx as nx
 from dnc.files import spec_reference
 from dnc.frontend.loader import load_spec
 from dnc.frontend.spec import Spec
-from dnc.ir.graph import IRError, verify
+from dnc.ir.graph import IRError, inference_only, verify
 from dnc.ir.infer import infer
 from dnc.ir.limits import Limits, check_limits
 from dnc.ir.lower import lower
@@ -29,14 +29,18 @@ def compile_spec(spec: Spec, source: str = "", passes: Sequence[NamedPass] = ())
     """
     graph = lower(spec, source)
     _verified("lower", graph, inferred=False)
-    chosen = Settings()
+    chosen, made_by = Settings(), ""
     for name, step in (("infer", infer), *passes):
         if isinstance(step, Setting):
             chosen = step(chosen)
         else:
             graph = _verified(name, step(graph), inferred=True)
+        if not made_by and (chosen.eval_only or inference_only(graph)):
+            made_by = name  # the pass that made the network inference-only, for messages
     if chosen != Settings():
         graph.graph["settings"] = chosen  # the graph is this function's own: lowering and each rewrite made it anew
+    if made_by:
+        graph.graph["inference_only_by"] = made_by
     return graph
 
 

@@ -37,6 +37,27 @@ def visible(text: str) -> str:
     return _UNSAFE.sub(_escape_char, text)
 
 
+ECHO_WORD = 200  # the most characters of one word (a run without spaces) a printed line shows
+ECHO_LINE = 1_000  # the most characters of one printed line
+
+
+def echoed(line: str) -> str:
+    """A line dnc prints (`visible`), with outside text cut: each word at ECHO_WORD characters, the line at ECHO_LINE.
+
+    A pass name, path or value of 100,000 characters must not flood a terminal or a CI log;
+    a long word keeps its start and end, which say what it was.
+    """
+    shown = re.sub(rf"\S{{{ECHO_WORD + 1},}}", _cut_word, visible(line))
+    if len(shown) <= ECHO_LINE:
+        return shown
+    return f"{shown[: ECHO_LINE - 40]}… ({len(shown) - ECHO_LINE + 40:,} more characters)"
+
+
+def _cut_word(match: re.Match) -> str:
+    word, half = match.group(0), ECHO_WORD // 2
+    return f"{word[:half]}…({len(word) - 2 * half:,} characters cut)…{word[-half:]}"
+
+
 def is_plain(text: str) -> bool:
     """True when `visible` would leave `text` unchanged."""
     return "\\" not in text and not _UNSAFE.search(text)
@@ -51,9 +72,10 @@ def quoted(text: str, limit: int = 80) -> str:
 
 
 def comment_safe(text: str) -> str:
-    """Text for a `#` comment in generated Python: printable ASCII only, everything else escaped.
+    """Text for a `#` comment in generated Python or an ONNX string: printable ASCII only, everything else escaped.
 
-    ASCII keeps PEP 263 encoding cookies and homoglyphs out; `visible` keeps line breaks out.
+    ASCII keeps PEP 263 encoding cookies and homoglyphs out, and file names that are not
+    UTF-8 (undecodable bytes arrive as surrogates) escaped; `visible` keeps line breaks out.
     """
     shown = visible(text)
     return shown.encode("ascii", "backslashreplace").decode("ascii")

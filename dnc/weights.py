@@ -3,6 +3,16 @@
 Arrays are numpy here, so that `.safetensors` files and seeded weights need no torch.
 `.pth`/`.pt` files are read with `torch.load(..., weights_only=True)` only: a
 checkpoint is data, never code to unpickle.
+
+A checkpoint may cost at most what the network's weights cost: reading one peaks at no
+more than twice the network's float32 weights (a float64 checkpoint is that) plus
+64 MiB. So what could make it cost more is refused before it is paid for: a file larger
+than the network's values, safetensors entries whose data overlap, a pickle larger than
+its keys need, compressed zip members (a small file that inflates), and tensors that are
+views whose logical size exceeds their storage (stride 0, overlapping views). Views of one
+storage that do not overlap (flat-parameter checkpoints, slices, transposes) are legal. The
+zip format is memory-mapped, so a value costs memory only once it is read; values are
+checked in chunks, so no check allocates a tensor's size again.
 """
 
 from __future__ import annotations
@@ -10,10 +20,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickletools
 import re
 import warnings
+import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +41,11 @@ if TYPE_CHECKING:
 CHECKPOINT_OVERHEAD = 16 << 20  # pickle, zip and JSON headers beside the values
 MAX_CHECKPOINT_BYTES = 16 << 30  # without a network to fit
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on its JSON header
+# torch.save's pickle takes about 170 bytes a key (densenet121, 201); its objects take a few times that
+PICKLE_BYTES_PER_KEY = 512
+PICKLE_BASE = 64 << 10
+CHUNK = 1 << 20  # values checked at a time: a check allocates at most this many more
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 _OLD_KEY = re.compile(OLD_KEY_PATTERN)
 _WRAPPERS = ("state_dict", "model", "model_state_dict")
@@ -60,22 +77,45 @@ def read_checkpoint(path: str | Path, expected: Mapping[str, tuple[int, ...]] | 
     if path.suffix == ".safetensors":
         raw = _read_safetensors(path, size, where)
     elif path.suffix in (".pth", ".pt", ".bin"):
-        raw = _read_torch(path, where)
+        pickle_budget = MAX_HEADER_BYTES if expected is None else PICKLE_BASE + PICKLE_BYTES_PER_KEY * len(expected)
+        raw = _read_torch(path, pickle_budget, where)
     else:
         raise WeightsError(f"unknown checkpoint format '{path.suffix}': expected .safetensors, .pth or .pt", where)
     out, converted = {}, set()
     for key, (dtype, value) in raw.items():
         if _accept(key, dtype, where) == "convert":
             converted.add(dtype)
-            value = value.astype(np.float32)
-        if value.dtype.kind == "f" and not np.isfinite(value).all():
-            raise WeightsError(f"{key}: holds NaN or infinite values", where)
+            value = value.astype(np.float32, copy=False)  # a .pth tensor was converted already
+        if value.dtype.kind == "f":
+            _check_values(key, value, where)
         out[upgrade_key(key.removeprefix("module."))] = value
     if converted:
         warnings.warn(
             DncWarning(f"{' and '.join(sorted(converted))} weights converted to float32", where), stacklevel=2
         )
     return out
+
+
+def _check_values(key: str, value: np.ndarray, where: Location) -> None:
+    """Refuse NaN, infinities and values that float32 (what the targets compute in) cannot hold; chunk by chunk."""
+    for chunk in _chunks(value):
+        if not np.isfinite(chunk).all():
+            raise WeightsError(f"{key}: holds NaN or infinite values", where)
+        if chunk.dtype.itemsize > 4 and (np.abs(chunk) > FLOAT32_MAX).any():
+            raise WeightsError(f"{key}: holds values beyond float32's range (largest {FLOAT32_MAX:.4g})", where)
+
+
+def _chunks(value: np.ndarray) -> Iterator[np.ndarray]:
+    """`value` in views of at most CHUNK elements, whatever its strides: a check of one allocates no more."""
+    if value.ndim == 0 or value.size <= CHUNK:
+        yield value
+    elif value[0].size > CHUNK:
+        for row in value:
+            yield from _chunks(row)
+    else:
+        rows = CHUNK // max(1, value[0].size)
+        for start in range(0, len(value), rows):
+            yield value[start : start + rows]
 
 
 def _check_size(size: int, expected: Mapping[str, tuple[int, ...]] | None, where: Location) -> None:
@@ -135,24 +175,53 @@ def _read_safetensors(path: Path, size: int, where: Location) -> dict[str, tuple
         if length > min(size - 8, MAX_HEADER_BYTES):
             raise WeightsError(f"not a safetensors file: header length {length:,} does not fit the file", where)
         try:
-            header = json.loads(f.read(length))
+            header = json.loads(f.read(length), object_pairs_hook=_unique_keys)
+        except _DuplicateKey as err:
+            raise WeightsError(f"not a safetensors file: its header names {err.args[0]} twice", where) from None
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise WeightsError("not a safetensors file: its header is not JSON", where) from None
         if not isinstance(header, dict):
             raise WeightsError("not a safetensors file: its header is not a JSON object", where)
         data_size = size - 8 - length
+        entries = {key: _entry(key, info, data_size, where) for key, info in header.items() if key != "__metadata__"}
+        _check_disjoint({key: entry[3] for key, entry in entries.items()}, where)
         out = {}
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            name, numpy_dtype, shape, (begin, end) = _entry(key, info, data_size, where)
+        for key, (name, numpy_dtype, shape, (begin, end)) in entries.items():
             _accept(key, name, where)
             f.seek(8 + length + begin)
-            array = np.frombuffer(f.read(end - begin), dtype=numpy_dtype).reshape(shape)
+            data = bytearray(end - begin)  # read into place: no copy of the file's bytes
+            if f.readinto(data) != len(data):
+                raise WeightsError(f"not a safetensors file: the data of {key} ends early", where)
+            array = np.frombuffer(data, dtype=numpy_dtype).reshape(shape)
             if name == "bfloat16":  # the upper half of a float32
                 array = (array.astype(np.uint32) << 16).view(np.float32)
-            out[key] = (name, array.astype(array.dtype.newbyteorder("=")))
+            out[key] = (name, array.astype(array.dtype.newbyteorder("="), copy=False))
     return out
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object that names no key twice (json keeps the last, so one entry could hide another)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _check_disjoint(spans: Mapping[str, tuple[int, int]], where: Location) -> None:
+    """Refuse byte ranges that overlap: each value is stored once, so reading them costs what the file holds."""
+    previous = None
+    for key, (begin, end) in sorted(spans.items(), key=lambda item: item[1]):
+        if begin == end:
+            continue
+        if previous is not None and begin < spans[previous][1]:
+            raise WeightsError(f"the data of {key} overlaps the data of {previous}: each value is stored once", where)
+        previous = key
 
 
 def _entry(key: str, info: object, data_size: int, where: Location) -> tuple[str, str, tuple[int, ...], list[int]]:
@@ -175,15 +244,18 @@ def _entry(key: str, info: object, data_size: int, where: Location) -> tuple[str
     return name, numpy_dtype, tuple(shape), offsets
 
 
-def _read_torch(path: Path, where: Location) -> dict[str, tuple[str, np.ndarray]]:
+def _read_torch(path: Path, pickle_budget: int, where: Location) -> dict[str, tuple[str, np.ndarray]]:
+    """A `.pth` file's tensors, each checked to be a dense view before any of its values is read."""
     import pickle
 
     import torch
 
+    zipped = zipfile.is_zipfile(path)
+    _check_torch_file(path, zipped, pickle_budget, where)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as err:
         raise WeightsError(f"refused: {_torch_load_reason(err)}", where) from None
     except Exception as err:  # torch.load raises many kinds for a file that is not a checkpoint
@@ -193,7 +265,7 @@ def _read_torch(path: Path, where: Location) -> dict[str, tuple[str, np.ndarray]
             obj = obj[wrapper]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError("expected a state dict (a mapping of names to tensors)", where)
-    out = {}
+    spans: dict[str, tuple[int, int]] = {}
     for key, tensor in obj.items():
         key = str(key)
         if tensor.layout != torch.strided:
@@ -202,11 +274,79 @@ def _read_torch(path: Path, where: Location) -> dict[str, tuple[str, np.ndarray]
             raise WeightsError(f"{key}: a quantized tensor; expected float weights", where)
         if tensor.is_meta or tensor.device.type != "cpu":
             raise WeightsError(f"{key}: a tensor without data (device {tensor.device.type})", where)
+        spans[key] = _storage_span(key, tensor, where)
+    _check_disjoint(spans, where)  # storages are apart in memory: their spans never meet
+    out = {}
+    for key, tensor in obj.items():
+        key = str(key)
         name = str(tensor.dtype).removeprefix("torch.")
         if _accept(key, name, where) == "convert":
             tensor = tensor.float()
         out[key] = (name, tensor.detach().numpy())
     return out
+
+
+def _check_torch_file(path: Path, zipped: bool, pickle_budget: int, where: Location) -> None:
+    """Before torch reads it: every zip member stored (none inflates), and a pickle no larger than its keys need."""
+    if zipped:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                members = archive.infolist()
+        except (zipfile.BadZipFile, OSError, ValueError) as err:
+            raise WeightsError(f"not a readable torch checkpoint ({type(err).__name__})", where) from None
+        for m in members:
+            if m.compress_type != zipfile.ZIP_STORED or m.file_size != m.compress_size:
+                raise WeightsError(f"{m.filename}: a compressed member; torch.save writes them stored", where)
+        pickles = [m.file_size for m in members if m.filename.endswith("/data.pkl") or m.filename == "data.pkl"]
+    else:  # the format before torch 1.6: pickles (magic, version, system, the state dict, storage keys), then data
+        pickles = [_pickle_length(path, where)]
+    if sum(pickles) > pickle_budget:
+        raise WeightsError(f"its pickle takes {sum(pickles):,} bytes, more than its network's keys need", where)
+
+
+def _pickle_length(path: Path, where: Location) -> int:
+    """How many bytes the legacy format's leading pickles take, read opcode by opcode (nothing is built)."""
+    with os.fdopen(open_regular(path, where, WeightsError), "rb") as f:
+        try:
+            for _ in range(5):
+                for _ in pickletools.genops(f):
+                    pass
+        except Exception:  # not a pickle at all: torch says what it is
+            pass
+        return f.tell()
+
+
+def _storage_span(key: str, tensor: torch.Tensor, where: Location) -> tuple[int, int]:
+    """Where a tensor's bytes lie in memory, refusing a view that reads an element twice or leaves its storage."""
+    size, stride, item = tuple(tensor.shape), tuple(tensor.stride()), tensor.element_size()
+    if tensor.numel() == 0:
+        return (0, 0)
+    extent = _extent(size, stride)
+    if extent is None:
+        raise WeightsError(
+            f"{key}: a view of shape {size} with strides {stride} reads some of its storage's elements more than "
+            "once (an expanded or overlapping tensor); save it with .contiguous()",
+            where,
+        )
+    offset = tensor.storage_offset() * item
+    if offset + (extent + 1) * item > tensor.untyped_storage().nbytes():
+        raise WeightsError(f"{key}: a view that reaches past its storage", where)
+    begin = tensor.untyped_storage().data_ptr() + offset
+    return (begin, begin + (extent + 1) * item)
+
+
+def _extent(shape: tuple[int, ...], strides: tuple[int, ...]) -> int | None:
+    """The offset of a view's last element from its first, or None if two of its elements are one in storage.
+
+    Axes taken by increasing stride: each stride must pass everything the smaller axes reach, so
+    that no element is reached twice (contiguous layouts, transposes and slices pass; stride 0 does not).
+    """
+    extent = 0
+    for stride, size in sorted((stride, size) for size, stride in zip(shape, strides, strict=True) if size > 1):
+        if stride <= extent:
+            return None
+        extent += stride * (size - 1)
+    return extent
 
 
 def _torch_load_reason(err: Exception) -> str:

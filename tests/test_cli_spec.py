@@ -263,4 +263,56 @@ def test_help_and_version_exit_0():
     assert run_dnc("--help").returncode == 0
     assert run_dnc("compile", "--help").returncode == 0
     version = run_dnc("--version")
-    assert version.returncode == 0 and "0.1.0" in version.stdout
+    assert version.returncode == 0 and version.stdout == "dnc, version 0.2.0\n"
+
+
+def test_a_pass_both_asked_for_and_refused_is_one_line():
+    line = one_error_line(
+        dnc_cli("summary", "specs/densenet121.yaml", "--pass", "pool_first", "--no-pass", "pool_first")
+    )
+    assert line == "dnc: error: --pass pool_first and --no-pass pool_first contradict each other: give one"
+
+
+def test_echoed_text_is_cut_at_200_characters_a_word():
+    name = "p" * 100_000
+    line = one_error_line(dnc_cli("ir", "specs/densenet121.yaml", "--pass", name))
+    assert line == (
+        f"dnc: error: unknown pass '{'p' * 99}…(99,803 characters cut)…{'p' * 98}': "
+        "expected one of pool_first, onednn_1x1, fold_conv_bn, fuse_bn_relu, fold_preact_bn, block_buffer, "
+        "batch_tile, channels_last"
+    )
+    spaced = one_error_line(dnc_cli("ir", "specs/densenet121.yaml", "--target", "x " * 50_000))
+    assert len(spaced) <= 1000 and spaced.endswith("more characters)")
+
+
+def test_summary_batch_is_bounded_before_any_figure():
+    line = one_error_line(dnc_cli("summary", "specs/densenet121.yaml", "--batch", str(10**311)))
+    assert line.startswith("dnc summary: error: Invalid value for '--batch': 1000")
+    assert "is not in the range 1<=x<=1000000000" in line and "characters cut" in line
+
+
+def test_summary_batch_names_the_pass_that_makes_a_network_inference_only():
+    result = dnc_cli("summary", "specs/densenet121.yaml", "--pass", "fold_preact_bn", "--batch", "2")
+    assert one_error_line(result) == (
+        "dnc: error: --batch estimates training memory, but pass fold_preact_bn makes the network inference-only "
+        "(it is exact in eval mode only): run only passes that keep training (-O0 or -O1, without --pass "
+        "fold_preact_bn)"
+    )
+    assert "pass fold_conv_bn makes" in one_error_line(
+        dnc_cli("summary", "specs/densenet121.yaml", "-O2", "--batch", "2")
+    )
+
+
+def test_summary_title_says_which_passes_ran():
+    assert dnc_cli("summary", "specs/densenet121.yaml", "-O2").stdout.startswith("densenet121 -O2  (input 3x224x224)")
+    both = dnc_cli("summary", "specs/densenet121.yaml", "-O1", "--no-pass", "pool_first")
+    assert both.stdout.startswith("densenet121 -O1 --no-pass pool_first  (input")
+    assert dnc_cli("summary", "specs/densenet121.yaml").stdout.startswith("densenet121  (input")
+
+
+def test_bare_dnc_prints_clicks_usage_on_several_lines():
+    result = run_dnc()
+    assert result.returncode == 2  # as click does for a group without a command
+    lines = result.stderr.splitlines()
+    assert lines[0] == "Usage: dnc [OPTIONS] COMMAND [ARGS]..." and "\\n" not in result.stderr
+    assert "Commands:" in lines and any(line.strip().startswith("compile ") for line in lines)

@@ -12,22 +12,30 @@ examples, no forward passes). The long profile's last figures are in the README.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import import_file
+from conftest import dnc_cli, import_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
-from dnc.errors import DncError
+from dnc.errors import DncError, WeightsError
+from dnc.ir.limits import Limits
+from dnc.ir.passes import PASSES
 from dnc.pipeline import build
 from dnc.reports.summary import summarize
 from dnc.targets.onnx import emit as emit_onnx
 from dnc.targets.torch import emit as emit_torch
+from dnc.weights import read_checkpoint
 
 LONG = os.environ.get("DNC_FUZZ_LONG") == "1"
 EXAMPLES = 10_000 if LONG else 60
@@ -170,3 +178,117 @@ def test_small_valid_specs_run_as_inferred(data):
     assert tuple(y.shape) == (1, *summary.output_shape)
     assert sum(p.numel() for p in model.parameters()) == summary.params
     assert math.isfinite(float(y.abs().sum()))
+
+
+# -- the command line's flags, tampered records and crafted checkpoints --------------------
+
+SMALL_SPEC = "version: 1\ninput: {size: [16, 16]}\nstem: {kind: cifar, width: 8}\ngrowth_rate: 4\nblocks: [1, 1]\n"
+names = st.one_of(st.sampled_from(list(PASSES)), st.text(max_size=12), st.text(min_size=300, max_size=400))
+flags = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from(["--pass", "--no-pass"]), st.lists(names, min_size=1, max_size=3).map(",".join)),
+        st.tuples(st.just("-O"), st.integers(-2, 4).map(str)),
+        st.tuples(
+            st.just("--limit"),
+            st.tuples(
+                st.one_of(st.sampled_from([f.name for f in dataclasses.fields(Limits)]), st.text(max_size=10)),
+                st.one_of(st.integers(-(10**45), 10**45).map(str), st.text(max_size=10)),
+            ).map("=".join),
+        ),
+        st.tuples(st.just("--batch"), st.one_of(st.integers(-5, 10**320), st.text(max_size=5)).map(str)),
+    ),
+    max_size=4,
+)
+
+
+def one_line_or_success(result, ok=(0,)) -> None:
+    assert result.returncode in (*ok, 2), result.stderr
+    if result.returncode == 2:
+        assert result.stderr.count("\n") == 1 and len(result.stderr) <= 1001, result.stderr[:300]
+        assert "internal error" not in result.stderr and "Traceback" not in result.stderr
+
+
+@FUZZ
+@given(flags)
+def test_pass_limit_and_batch_flags_run_or_are_one_line(flag_pairs):
+    spec = _DIR / "flags.yaml"
+    spec.write_text(SMALL_SPEC)
+    args = [word for pair in flag_pairs for word in pair]
+    one_line_or_success(dnc_cli("summary", spec, *args))
+
+
+record_values = st.one_of(st.none(), st.booleans(), st.integers(-(10**30), 10**30), st.floats(), names)
+
+
+@FUZZ
+@given(
+    st.dictionaries(st.sampled_from(["opt_level", "pass", "no_pass", "seed", "opset", "weights", "x"]), record_values)
+)
+def test_a_tampered_record_is_fresh_stale_or_one_line(record):
+    out = _DIR / "records"
+    spec = _DIR / "recorded.yaml"
+    spec.write_text(SMALL_SPEC)
+    assert dnc_cli("compile", spec, "-o", out).returncode == 0
+    path = out / "recorded.py"
+    text = path.read_text()
+    start = text.index("# dnc-record: ") + len("# dnc-record: ")
+    end = text.index("\n", start)
+    data = json.loads(text[start:end].removesuffix("  # noqa: E501")) | record
+    path.write_text(text[:start] + json.dumps(data) + text[end:])
+    one_line_or_success(dnc_cli("compile", spec, "-o", out, "--check"), ok=(0, 1))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=not LONG, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_crafted_checkpoint_layouts_are_read_exactly_or_refused(data):
+    """Any views of any storages: each value read is the tensor's own, or the file is refused; never a crash."""
+    torch = pytest.importorskip("torch")
+    storages = [torch.randn(data.draw(st.integers(1, 64))) for _ in range(data.draw(st.integers(1, 2)))]
+    views = {}
+    for key in ("a.weight", "a.bias"):
+        storage = data.draw(st.sampled_from(storages))
+        shape = data.draw(st.lists(st.integers(0, 5), max_size=3))
+        strides = data.draw(st.lists(st.integers(0, 7), min_size=len(shape), max_size=len(shape)))
+        try:
+            views[key] = storage.as_strided(shape, strides, data.draw(st.integers(0, 8)))
+        except RuntimeError:  # reaches past the storage: torch itself refuses to make it
+            return
+    path = _DIR / "crafted.pth"
+    torch.save(views, path)
+    expected = {key: tuple(view.shape) for key, view in views.items()}
+    try:
+        state = read_checkpoint(path, expected)
+    except WeightsError:
+        return
+    for key, view in views.items():
+        assert np.array_equal(state[key], view.numpy())
+    cells = [
+        (v.untyped_storage().data_ptr(), v.storage_offset() + sum(i * s for i, s in zip(ix, v.stride(), strict=True)))
+        for v in views.values()
+        for ix in np.ndindex(*v.shape)
+    ]
+    assert len(cells) == len(set(cells)), "a checkpoint read no value twice"
+
+
+@FUZZ
+@given(st.data())
+def test_crafted_safetensors_headers_are_read_or_refused(data):
+    dtypes = st.sampled_from(["F32", "F64", "F16", "BF16", "I64", "F8_E4M3", "BOOL", "X"])
+    entry = st.fixed_dictionaries(
+        {
+            "dtype": dtypes,
+            "shape": st.lists(st.integers(0, 6), max_size=3),
+            "data_offsets": st.lists(st.integers(0, 300), min_size=2, max_size=2),
+        }
+    )
+    header = data.draw(st.dictionaries(st.sampled_from(["a.weight", "a.bias", "__metadata__", "b"]), entry, max_size=4))
+    raw = json.dumps(header).encode()
+    if data.draw(st.booleans()) and header:  # a key named twice
+        first = next(iter(header))
+        raw = raw[:-1] + b", " + json.dumps({first: header[first]}).encode()[1:]
+    path = _DIR / "crafted.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data.draw(st.binary(max_size=300)))
+    expected = data.draw(st.one_of(st.none(), st.just({"a.weight": (2, 3), "a.bias": (2,)})))
+    with warnings.catch_warnings(), contextlib.suppress(WeightsError):
+        warnings.simplefilter("ignore")  # 16-bit values converted: a note, not a failure
+        read_checkpoint(path, expected)

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -13,7 +14,7 @@ from conftest import dnc_cli, run_dnc, spec_path
 
 from dnc.ir.graph import stages
 from dnc.pipeline import build
-from dnc.reports.pictures import NO_DOT, picture, render_text
+from dnc.reports.pictures import NO_DOT, check_layout, picture, render_text
 
 SPEC = spec_path("densenet121")
 STAGES = ["stem", "denseblock1", "transition1", "denseblock2", "transition2", "denseblock3", "transition3"]
@@ -121,3 +122,27 @@ def test_bad_spec():
     done = dnc_cli("graph", "no/such.yaml")
     assert done.returncode == 2
     assert done.stderr == "no/such.yaml: error: no such file\n"
+
+
+def test_a_picture_too_large_to_lay_out_is_refused_at_once(tmp_path):
+    start = time.perf_counter()
+    done = dnc_cli("graph", spec_path("densenet264"), "--detail", "layer", "--format", "svg", cwd=tmp_path)
+    assert time.perf_counter() - start < 1
+    assert done.returncode == 2
+    assert done.stderr == (
+        "dnc: error: densenet264 is too large a picture for Graphviz to lay out in time (69,275 ranks spanned "
+        "by its edges, over 10,000): use --format dot or mermaid (no layout), or --detail block\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+    dot = dnc_cli("graph", spec_path("densenet264"), "--detail", "layer")  # what it says to use works
+    assert dot.returncode == 0 and "denselayer64" in dot.stdout
+
+
+@needs_dot
+def test_the_largest_picture_allowed_is_drawn_in_time(tmp_path):
+    _, graph = build(SPEC)
+    check_layout(picture(graph, "layer"))  # densenet121's layers: allowed
+    start = time.perf_counter()
+    done = dnc_cli("graph", SPEC, "--detail", "layer", "--format", "svg", "-o", tmp_path / "x.svg")
+    assert done.returncode == 0, done.stderr
+    assert time.perf_counter() - start < 30

@@ -228,3 +228,48 @@ def test_graph_labels_escape_hostile_names(fmt, name, tmp_path):
     assert "\x1b" not in text and "\u202e" not in text and "\nok: fine" not in text
     if fmt == "mermaid":
         assert "<img" not in text and "`" not in text and "[bold]" not in text
+
+
+def test_the_named_spec_may_not_link_out_of_its_root(tmp_path, capsys, monkeypatch):
+    """The root comes from where the named path stands; where a link leads must be inside it."""
+    repo, outside = tmp_path / "repo", tmp_path / "outside"
+    (repo / "specs").mkdir(parents=True)
+    (repo / ".git").mkdir()
+    outside.mkdir()
+    (outside / "secret.yaml").write_text("version: 1\npassword: hunter2\n")
+    (repo / "specs" / "net.yaml").symlink_to(outside / "secret.yaml")
+    (repo / "linked").symlink_to(outside)  # a folder on the way that leads out
+    for named in (repo / "specs" / "net.yaml", repo / "linked" / "secret.yaml"):
+        code, _, err = dnc(capsys, monkeypatch, "validate", named)
+        assert_one_line_refusal(code, err)
+        assert err == f"{named}: error: leaves the spec root {repo} through a symbolic link (see --spec-root)\n"
+    code, _, err = dnc(capsys, monkeypatch, "validate", repo / "specs" / "net.yaml", "--spec-root", outside)
+    assert code == 2 and "password" in err  # --spec-root lets it in: then it is read, and its error is its own
+    (outside / "secret.yaml").write_text(SMALL)
+    (repo / "specs" / "inside.yaml").symlink_to("../base.yaml")  # a link that stays inside keeps working
+    (repo / "base.yaml").write_text(SMALL)
+    code, out, err = dnc(capsys, monkeypatch, "validate", repo / "specs" / "inside.yaml")
+    assert code == 0, err
+
+
+def test_a_spec_file_name_that_is_not_utf8_compiles_to_onnx_under_lc_all_c(tmp_path):
+    import onnx
+
+    spec = tmp_path / os.fsdecode(b"n\xff.yaml")  # a byte no UTF-8 decoder accepts
+    spec.write_text(SMALL + "name: n\n")
+    done = run_dnc("compile", spec.name, "--target", "onnx", "-o", tmp_path / "out", cwd=tmp_path, env={"LC_ALL": "C"})
+    assert done.returncode == 0, done.stderr
+    model = onnx.load(str(tmp_path / "out" / "n.onnx"))
+    props = {p.key: p.value for p in model.metadata_props}
+    assert props["dnc.frontend.spec"] == "n\\udcff.yaml" and "n\\udcff.yaml" in model.doc_string
+
+
+def test_an_input_side_beyond_int64_is_an_onnx_error_not_a_crash(capsys, monkeypatch, tmp_path):
+    side = 2**63
+    args = ["--set", f"input.size=[{side}, 32]", "--limit", f"input_size={side}", "--limit", f"macs={10**39}"]
+    code, _, err = dnc(
+        capsys, monkeypatch, "compile", spec_path("densenet40_k12"), "--target", "onnx", *args, "-o", tmp_path
+    )
+    assert_one_line_refusal(code, err)
+    assert err == f"dnc: error: the input shape 3x{side}x32 does not fit ONNX's int64 dimensions\n"
+    assert list(tmp_path.iterdir()) == []

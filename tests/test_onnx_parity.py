@@ -10,9 +10,13 @@ Error is relative: max|a - b| / max|b|.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
-from conftest import CIFAR_SPECS, TORCHVISION_SPECS, spec_path
+from conftest import CIFAR_SPECS, ROOT, TORCHVISION_SPECS, spec_path
 
 from dnc.ir.graph import ordered
 from dnc.ir.infer import state_dict_layout
@@ -127,3 +131,22 @@ def test_parity_on_cuda_execution_provider(name, level):
     for batch in BATCHES:
         x = case.inputs(batch)
         assert rel_error(case.run(x, cuda), torch_output(case, x)) <= CUDA_TOLERANCE
+
+
+QUIET_RUN = """
+import onnxruntime as ort
+import torch
+from dnc.ir.infer import state_dict_layout
+from dnc.pipeline import build
+from dnc.targets.onnx.run import run_onnx
+from dnc.weights import seeded_state
+ort.set_default_logger_severity(0)  # as noisy as onnxruntime gets: every log line to stderr
+_, graph = build("specs/densenet40_k12.yaml", ["blocks=[1]"])
+run_onnx(graph, seeded_state(state_dict_layout(graph)), torch.zeros(1, 3, 32, 32), "cpu")
+"""
+
+
+def test_onnxruntime_logs_nothing_while_dnc_runs_a_model():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", QUIET_RUN], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr == "", done.stderr[:500]

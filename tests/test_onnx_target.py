@@ -260,11 +260,11 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
     path = tmp_path / "net.onnx"
     path.write_bytes(b"old")
 
-    def broken_replace(src, dst):
+    def broken_replace(src, dst, **folders):
         raise OSError("disk full")
 
     monkeypatch.setattr("dnc.targets.outputs.os.replace", broken_replace)
     with pytest.raises(EmitError, match="cannot write: disk full"):
-        write_outputs({path: model.SerializeToString()})
+        write_outputs({path: model.SerializeToString()}, tmp_path, force=True)
     assert [p.name for p in tmp_path.iterdir()] == ["net.onnx"]
     assert path.read_bytes() == b"old"

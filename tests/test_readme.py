@@ -68,3 +68,11 @@ def test_readme_states_verify_tolerance_as_the_code_does():
     text = (ROOT / "README.md").read_text()
     assert TOLERANCE == 1e-5
     assert "max abs error / max |reference| <= 1e-5" in text
+
+
+def test_readme_markdown_diff_example_is_what_dnc_prints():
+    from conftest import dnc_cli
+
+    shown = re.search(r"````markdown\n(.*?)````\n", (ROOT / "README.md").read_text(), re.S).group(1)
+    result = dnc_cli("diff", "specs/densenet121.yaml", "specs/densenet169.yaml", "--format", "markdown")
+    assert result.returncode == 1 and result.stdout == shown

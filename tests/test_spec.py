@@ -88,6 +88,27 @@ def test_compression_is_floor_of_theta_times_m_computed_exactly(write_spec):
     assert transition.stage == "transition1" and transition.output_shape[0] == 29
 
 
+@pytest.mark.parametrize(
+    ("written", "sets", "channels"),
+    [
+        ("0.29999999999999999999", [], 29),  # 0.3 as a float: the decimal as written is just under it
+        ("0.3", [], 30),
+        ("0.3", ["compression=0.29999999999999999999"], 29),
+        ("0.3", ["compression=2.9999999999999999999e-1"], 29),
+        ("0.3", ["blocks=[{layers: 2, compression: 0.29999999999999999999}, 1]"], 29),
+        ("0.5", ["blocks.0.compression=0.30000000000000000001"], 30),
+    ],
+)
+def test_compression_uses_the_decimal_as_written_not_its_float(write_spec, written, sets, channels):
+    text = (
+        "version: 1\ninput: {size: [32, 32]}\nstem: {kind: cifar, width: 76}\n"
+        f"growth_rate: 12\nbn_size: null\ncompression: {written}\nblocks: [2, 1]\n"
+    )
+    spec, graph = build(write_spec(text), sets)  # m = 76 + 2 * 12 = 100
+    assert summarize(graph).stages[2].output_shape[0] == channels
+    assert resolved_data(spec)["blocks"][0]["compression"] == 0.3  # JSON and resolve show the float
+
+
 def test_dropout_placement(write_spec):
     from dnc.ir.graph import OpKind, ordered
 

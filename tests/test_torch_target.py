@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -115,7 +116,9 @@ def test_compile_writes_only_when_changed(tmp_path):
     assert first.returncode == 0, first.stderr
     assert "densenet121.py: written" in first.stdout
     target = out / "densenet121.py"
-    assert target.read_text() == (GENERATED / "densenet121.py").read_text()
+    written, committed = target.read_text().splitlines(), (GENERATED / "densenet121.py").read_text().splitlines()
+    assert written[5:] == committed[5:]  # the same code; the header says where it was written
+    assert written[3].startswith(f"# Regenerate: dnc compile specs/densenet121.yaml --target torch -o {out}")
     mtime = target.stat().st_mtime_ns
     again = dnc_cli("compile", "specs/densenet121.yaml", "-o", out)
     assert "densenet121.py: unchanged" in again.stdout
@@ -129,7 +132,8 @@ def test_compile_with_set(tmp_path):
     text = (tmp_path / "densenet121.py").read_text()
     assert "block.denselayer2 = DenseLayer(in_channels=112, width=192, growth=48)" in text
     # the header says how to rebuild this network, not the spec's own
-    assert "# Regenerate: dnc compile specs/densenet121.yaml --target torch --set growth_rate=48\n" in text
+    regenerate = f"# Regenerate: dnc compile specs/densenet121.yaml --target torch --set growth_rate=48 -o {tmp_path}"
+    assert regenerate in text
 
 
 def test_compile_default_output_dir(tmp_path):
@@ -149,14 +153,15 @@ def test_check_names_stale_missing_and_orphan_files(tmp_path):
     gen = tmp_path / "generated"
     (gen / "densenet121.py").write_text((gen / "densenet121.py").read_text() + "# edited\n")
     (gen / "densenet40_k12.py").unlink()
-    (gen / "old.py").write_text("")
+    (gen / "old.py").write_text((gen / "densenet_bc100_k12.py").read_text())  # dnc wrote it, from no spec now
+    (gen / "__init__.py").write_text("")  # someone else's: not an orphan
     before = {p.name: p.read_bytes() for p in gen.iterdir()}
     result = dnc_cli("compile", "--check", cwd=tmp_path)
     assert result.returncode == 1
     assert "generated/densenet121.py: stale" in result.stderr
     assert "generated/densenet40_k12.py: missing" in result.stderr
     assert "generated/old.py: generated from no spec" in result.stderr
-    assert "densenet_bc100_k12" not in result.stderr
+    assert "densenet_bc100_k12" not in result.stderr and "__init__" not in result.stderr
     assert {p.name: p.read_bytes() for p in gen.iterdir()} == before  # --check writes nothing
     named = dnc_cli("compile", "--check", "specs/densenet_bc100_k12.yaml", cwd=tmp_path)
     assert named.returncode == 0, named.stderr
@@ -215,3 +220,38 @@ def test_nothing_raw_from_the_spec(write_spec):
     assert "os.system" not in text
     assert "import os" not in text.splitlines()
     assert '\n# Spec: evil\\n"""\\nimport os\n' in text
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [('"x"', '"x"'), ("1e999", "Infinity"), ("null", "null"), ("-1", "-1"), ("true", "true")],
+)
+def test_check_refuses_a_tampered_record_in_one_line(tmp_path, value, shown):
+    """What the pre-commit hook runs: a header edited by hand is a clean error naming the file."""
+    shutil.copytree(ROOT / "specs", tmp_path / "specs")
+    shutil.copytree(GENERATED, tmp_path / "generated")
+    path = tmp_path / "generated" / "densenet121.py"
+    text = path.read_text().replace('# dnc-record: {"set"', f'# dnc-record: {{"opt_level": {value}, "set"')
+    path.write_text(text)
+    result = dnc_cli("compile", "--check", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    expected = "an integer" if value != "-1" else None
+    message = (
+        f"-O{value}: expected one of -O0, -O1, -O2"
+        if expected is None
+        else f"opt_level: expected an integer, got {shown}"
+    )
+    assert result.stderr == (
+        f"generated/densenet121.py: error: the record in its header is not one dnc writes ({message}); "
+        "regenerate the file\n"
+    )
+
+
+def test_check_refuses_a_recorded_option_of_another_target(tmp_path):
+    out = tmp_path / "gen"
+    assert dnc_cli("compile", "specs/densenet40_k12.yaml", "-o", out).returncode == 0
+    path = out / "densenet40_k12.py"
+    path.write_text(path.read_text().replace('# dnc-record: {"out_dir"', '# dnc-record: {"seed": -3, "out_dir"'))
+    result = dnc_cli("compile", "specs/densenet40_k12.yaml", "-o", out, "--check")
+    assert result.returncode == 2
+    assert "(seed: not an option of --target torch)" in result.stderr

@@ -28,11 +28,12 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML, events
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.constructor import RoundTripConstructor
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from dnc.errors import DncWarning, Location, SpecError, SpecErrors
 from dnc.files import read_bounded, size_text, work_tree
-from dnc.frontend.spec import Path, RuleError, Spec
+from dnc.frontend.spec import Path, RuleError, Spec, WrittenFloat
 
 MAX_EXTENDS_DEPTH = 16
 MAX_SPEC_BYTES = 256 * 1024  # the zoo's largest spec is under 1 KiB
@@ -60,10 +61,16 @@ class Document:
 def load_spec(path: str | FsPath, overrides: typing.Sequence[str] = (), roots: Sequence[str | FsPath] = ()) -> Spec:
     """Read, merge (`extends`), override (`--set`) and validate one spec file.
 
-    `extends:` may read files inside `spec_root(path)` and inside any of `roots`.
+    The file (where a symbolic link leads) and every file `extends:` reads must be inside
+    `spec_root(path)` or inside one of `roots`.
     """
     path = FsPath(path)
     allowed = (spec_root(path), *(FsPath(os.path.realpath(r)) for r in roots))
+    real = FsPath(os.path.realpath(path))
+    if os.path.lexists(path) and not _inside(real, allowed):  # a missing file: the reader says so
+        raise SpecError(
+            f"leaves the spec root {_roots(allowed)} through a symbolic link (see --spec-root)", Location(str(path))
+        )
     doc = load_document(path, roots=allowed)
     for text in overrides:
         _apply_override(doc, text)
@@ -71,13 +78,15 @@ def load_spec(path: str | FsPath, overrides: typing.Sequence[str] = (), roots: S
 
 
 def spec_root(path: str | FsPath) -> FsPath:
-    """Where a spec's `extends:` may read: the enclosing git work tree, else the spec's own folder.
+    """Where a spec may read: the git work tree enclosing where `path` stands, else its folder (a real path).
 
-    A spec in a pull request may name its parent by any path; only files of the same
-    checkout can be parents, never `/etc/passwd` or a file in the user's home.
+    A spec in a pull request may name its parent by any path, and may itself be a symbolic
+    link: only files of the same checkout can be read, never `/etc/passwd` or a file in the
+    user's home. The root comes from where the named path stands, not from where a link
+    leads, so that a link cannot choose its own root.
     """
-    here = FsPath(os.path.realpath(FsPath(path).parent if str(path) else "."))
-    return work_tree(here) or here
+    here = FsPath(os.path.abspath(FsPath(path).parent if str(path) else "."))
+    return FsPath(os.path.realpath(work_tree(here) or here))
 
 
 def load_document(path: FsPath, _chain: tuple[FsPath, ...] = (), roots: Sequence[FsPath] = ()) -> Document:
@@ -208,6 +217,8 @@ def parse_yaml(text: str, source: str, typ: str = "rt", not_a_spec: type[Excepti
         raise SpecError(f"control character U+{ord(bad.group()):04X} is not allowed", Location(source, line, col))
     _check_brackets(text, source)
     yaml = YAML(typ=typ, pure=True)
+    if typ == "rt":
+        yaml.Constructor = _Constructor
     yaml.allow_duplicate_keys = False
     try:
         with warnings.catch_warnings(record=True) as caught:  # ruamel warns of reused anchors its own way
@@ -229,6 +240,16 @@ def parse_yaml(text: str, source: str, typ: str = "rt", not_a_spec: type[Excepti
         if isinstance(warning.message, DncWarning):
             warnings.warn(warning.message, stacklevel=2)
     return root
+
+
+class _Constructor(RoundTripConstructor):
+    """ruamel's round-trip constructor, but a plain decimal keeps the text it was written as (`WrittenFloat`)."""
+
+    def construct_yaml_float(self, node: Any) -> Any:
+        return WrittenFloat.parse(node.value) or super().construct_yaml_float(node)
+
+
+_Constructor.add_constructor("tag:yaml.org,2002:float", _Constructor.construct_yaml_float)
 
 
 def _position(before: str, offset: int) -> tuple[int, int]:
@@ -339,7 +360,9 @@ def _plain(node: Any, path: Path, source: str, doc: Document) -> Any:
 
 
 def _scalar(value: Any) -> Any:
-    # ruamel's round-trip scalars subclass the builtins; hand pydantic the builtins
+    # ruamel's round-trip scalars subclass the builtins; hand pydantic the builtins (and decimals as written)
+    if isinstance(value, WrittenFloat):
+        return value
     for kind in (bool, int, float, str):
         if isinstance(value, kind):
             return kind(value)
@@ -406,7 +429,7 @@ def parse_override(text: str) -> tuple[Path, Any]:
     try:
         value = _simple_scalar(raw.strip()) if raw.strip() else None
         if value is _NOT_SIMPLE:
-            value = _plain_value(parse_yaml(raw, where.source, typ="safe"))
+            value = _plain_value(parse_yaml(raw, where.source))  # round-trip: decimals keep their text
     except SpecError as err:
         raise SpecError(f"value is not valid YAML: {err.message}", where) from None
     if isinstance(value, list) and path == ("blocks",):
@@ -431,7 +454,7 @@ def _simple_scalar(raw: str) -> Any:
     if _INT.fullmatch(raw):
         return int(raw)
     if _FLOAT.fullmatch(raw):
-        return float(raw)
+        return WrittenFloat(raw)
     if raw in ("true", "True", "TRUE", "false", "False", "FALSE"):
         return raw.lower() == "true"
     if raw in ("null", "Null", "NULL", "~"):

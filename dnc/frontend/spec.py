@@ -8,9 +8,10 @@ the loader can point at the exact key.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, WrapValidator, model_validator
 
 from dnc.errors import Location
 
@@ -25,6 +26,42 @@ class RuleError(ValueError):
     def __init__(self, path: Path, message: str):
         super().__init__(message)
         self.path = path
+
+
+class WrittenFloat(float):
+    """A float that keeps the decimal it was written as (in the YAML, or a `--set` value).
+
+    `str()` and f-strings give that decimal, so `Fraction(str(theta))` is the number as
+    written: floor(theta * m) (`ir.lower.transition_channels`) takes 29 of 100 channels for
+    0.29999999999999999999, which as a float is 0.3. Arithmetic, `repr()` and JSON are the float's.
+    """
+
+    _DECIMAL = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+
+    def __new__(cls, text: str) -> WrittenFloat:
+        self = super().__new__(cls, text)
+        self.text = text
+        return self
+
+    @classmethod
+    def parse(cls, text: str) -> WrittenFloat | None:
+        """The float of a plain decimal, keeping its text; None for anything else (.inf, 1_000.5)."""
+        return cls(text) if cls._DECIMAL.fullmatch(text) and len(text) <= 100 else None
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __reduce__(self) -> tuple:
+        return (WrittenFloat, (self.text,))
+
+
+def _keep_written(value: Any, handler: Any) -> float:
+    out = handler(value)  # the float's own checks (type, bounds)
+    return value if isinstance(value, WrittenFloat) else out
+
+
+# A fraction in (0, 1] that floors a channel count: validated as a float, kept as written
+Theta = Annotated[float, Field(gt=0, le=1), WrapValidator(_keep_written)]
 
 
 def _exact_int(value: object) -> object:
@@ -81,9 +118,9 @@ class Block(_Strict):
     growth_rate: Annotated[int, Field(gt=0, description="Override of growth_rate.")] = None
     bn_size: Annotated[int | None, Field(gt=0, description="Override of bn_size; null for no bottleneck.")] = None
     drop_rate: Annotated[float, Field(ge=0, lt=1, description="Override of drop_rate.")] = None
-    compression: Annotated[
-        float, Field(gt=0, le=1, description="Override of compression for the transition after this block.")
-    ] = None
+    compression: Annotated[Theta, Field(description="Override of compression for the transition after this block.")] = (
+        None
+    )
 
 
 class Head(_Strict):
@@ -111,7 +148,7 @@ class Spec(_Strict):
         Field(gt=0, description="Bottleneck: 1x1 conv to bn_size*k before the 3x3; null for a plain DenseNet."),
     ] = 4
     compression: Annotated[
-        float, Field(gt=0, le=1, description="theta: a transition outputs floor(theta*m) of its m channels.")
+        Theta, Field(description="theta: a transition outputs floor(theta*m) of its m channels.")
     ] = 0.5
     drop_rate: Annotated[float, Field(ge=0, lt=1, description="Dropout probability (train mode only).")] = 0.0
     dropout_at: Annotated[DropoutAt, Field(description="Where dropout goes when drop_rate > 0.")] = "conv3x3"
@@ -159,4 +196,4 @@ class ResolvedBlock(_Strict):
     growth_rate: int
     bn_size: int | None
     drop_rate: float
-    compression: float
+    compression: Theta

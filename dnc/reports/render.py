@@ -40,12 +40,14 @@ def fmt_count(n: int) -> str:
     return str(n)
 
 
-def summary_table(s: Summary, console: Console | None = None) -> None:
+def summary_table(s: Summary, passes: str = "", console: Console | None = None) -> None:
+    """The per-stage table; `passes` (`-O2`) says which optimisation passes the title's network ran."""
     if console is None:
         console = Console()
         if not console.is_terminal:  # rich assumes 80 columns for a pipe; the table needs more
             console.width = 120
-    table = Table(title=f"{safe(s.name)}  (input {fmt_shape(s.input_shape)})", title_justify="left")
+    name = f"{s.name} {passes}" if passes else s.name
+    table = Table(title=f"{safe(name)}  (input {fmt_shape(s.input_shape)})", title_justify="left")
     for col in ("stage", "layers", "k", "output (CxHxW)", "channels", "params", "MACs"):
         table.add_column(col, justify="left" if col in ("stage", "output (CxHxW)") else "right")
     for r in s.stages:

@@ -36,6 +36,7 @@ from dnc.ir.graph import Node, OpKind, graph_input, inputs, ordered, output
 from dnc.ir.infer import state_dict_layout
 from dnc.ir.ops import OPS, OnnxNode, conv_bn_fold
 from dnc.targets.provenance import command, record
+from dnc.text import comment_safe
 from dnc.weights import network_state
 
 MIN_OPSET = 13  # from 13 on, each op emitted here means the same at inference in every opset
@@ -47,6 +48,7 @@ SUFFIX = ".onnx"
 INPUT_NAME, OUTPUT_NAME, BATCH = "input", "logits", "batch"
 # NOTE: protobuf serialises one message of at most 2 GiB; the graph itself needs room beside the weights
 MAX_MODEL_BYTES = (2 << 30) - (64 << 20)
+INT64_MAX = 2**63 - 1  # ONNX's dimensions
 
 
 def check_opset(opset: int) -> None:
@@ -113,9 +115,13 @@ def emit_onnx(
         numpy_helper.from_array(np.asarray(folded[k] if k in folded else state[k], dtype=np.float32), k) for k in used
     ]
     first, last = graph_input(graph), output(graph)
+    for what, shape in (("input", first.shape), ("output", last.shape)):
+        if max(shape) > INT64_MAX:  # a limit raised with --limit can let a side through that ONNX cannot store
+            raise EmitError(f"the {what} shape {'x'.join(map(str, shape))} does not fit ONNX's int64 dimensions")
     x = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [BATCH, *first.shape])
     y = helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [BATCH, *last.shape])
     name = graph.graph.get("name", "densenet")
+    source = comment_safe(graph.graph.get("source", ""))  # a file name need not be UTF-8: protobuf strings must
     onnx_graph = helper.make_graph(nodes, name, [x], [y], initializer=initializers)
     opsets = [helper.make_opsetid("", opset)]
     model = helper.make_model(
@@ -124,10 +130,10 @@ def emit_onnx(
         ir_version=helper.find_min_ir_version_for(opsets),
         producer_name="dnc",
         producer_version=__version__,
-        doc_string=f"{name}, compiled by dnc from {graph.graph.get('source') or 'a spec'}; inference mode",
+        doc_string=f"{name}, compiled by dnc from {source or 'a spec'}; inference mode",
     )
     rec = record(graph, "onnx", {k: v for k, v in (options or {}).items() if k != "opset"} | {"opset": opset})
-    props = {"dnc.frontend.spec": graph.graph.get("source", ""), "dnc.network": name, "dnc.regenerate": command(rec)}
+    props = {"dnc.frontend.spec": source, "dnc.network": name, "dnc.regenerate": comment_safe(command(rec))}
     helper.set_model_props(model, props)
     return model
 
