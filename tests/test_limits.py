@@ -56,3 +56,16 @@ def test_the_estimate_costs_the_same_for_any_number_of_layers():
     huge = estimate_network(spec, Limits(channels=10**15))
     assert time.perf_counter() - start < 1.0
     assert huge.layers == 10**12 + 2 and huge.params > 10**12
+
+
+def test_the_activations_limit_passes_a_64_image_densenet264_batch_and_refuses_a_huge_input():
+    from dnc.errors import LimitError
+    from dnc.ir.limits import check_activations
+
+    check_activations(load_spec(spec_path("densenet264")), 64, 8)  # in float64, with its backward: 33 GiB
+    huge = load_spec(spec_path("densenet121"), ["input.size=[4096,4096]", "stem.width=512"])
+    with pytest.raises(LimitError, match=r"a batch of 1 needs about .* GiB of activations \(verify\), over the "):
+        check_activations(huge, 1, 4, what="verify")
+    check_activations(huge, 1, 4, Limits(activations=10**15))
+    with pytest.raises(LimitError, match=r"a batch of 10,000,000,000 needs"):
+        check_activations(load_spec(spec_path("densenet121")), 10**10, 4)

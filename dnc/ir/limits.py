@@ -43,6 +43,9 @@ class Limits:
     input_size: int = 8_192  # pixels on each side of the input
     params: int = 2_000_000_000  # trainable parameters (8 GB in float32)
     macs: int = 10**15  # multiply-accumulates of one forward pass of one image
+    # bytes of activations a run of the network may hold (checked where a batch is known: `dnc verify`); a
+    # 64-image densenet264 batch keeps 16.5 GiB in a float32 training step, 33 GiB in float64
+    activations: int = 64 << 30
 
     def raised(self, texts: Sequence[str]) -> Limits:
         """These limits with `NAME=N` settings (from `--limit`) applied."""
@@ -67,6 +70,26 @@ class Estimate:
     params: int
     macs: int
     activations: int  # bytes per sample a float32 training step keeps for backward (as dnc/reports/memory.py counts)
+
+
+def check_activations(spec: Spec, batch: int, itemsize: int, limits: Limits = Limits(), what: str = "") -> None:
+    """Raise LimitError unless `batch` samples of `spec` in a dtype of `itemsize` bytes fit the activations limit.
+
+    The estimate is what a training step keeps for backward (more than an eval pass holds at once), before anything
+    is allocated: `what` says what the run is (shown in the message)."""
+    per_sample = estimate_network(spec, limits).activations * itemsize // FLOAT_BYTES
+    need = batch * per_sample
+    if need > limits.activations:
+        run = f" ({what})" if what else ""
+        raise LimitError(
+            f"a batch of {batch:,} needs about {_bytes(need)} of activations{run}, over the activations limit of "
+            f"{_bytes(limits.activations)} (a smaller --batch, or raise it with --limit activations=N)",
+            spec.locate("input"),
+        )
+
+
+def _bytes(n: int) -> str:
+    return f"{n / (1 << 30):,.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):,.1f} MiB"
 
 
 def check_limits(spec: Spec, limits: Limits = Limits()) -> Estimate:

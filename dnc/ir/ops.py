@@ -236,6 +236,9 @@ class TorchForm:
 
     modules: Callable[[Attrs, TorchContext], tuple[Module, ...]] | None = None  # the first one is called
     call: Callable[[Attrs, list[str]], str] | None = None  # code of the result from the inputs' code
+    # what the caller hands the first module besides the input: (keyword, a module's path from the node's parent,
+    # the method of it whose result is handed), e.g. ("pre", ("norm1",), "scale_shift")
+    hands: Callable[[Attrs], tuple[tuple[str, tuple[str, ...], str], ...]] = lambda attrs: ()
     fresh: bool = False  # returns a tensor of its own (not a view, not its input): a ReLU after it may work in place
 
 
@@ -396,8 +399,12 @@ def _conv_class(a: ConvAttrs, ctx: TorchContext, folded: bool) -> str:
 
 
 def _conv_modules(a: ConvAttrs, ctx: TorchContext) -> tuple[Module, ...]:
-    pre = (Arg("pre", a.pre, ()),)
-    return (Module(ctx.name, _conv_class(a, ctx, folded=bool(a.pre)), _conv_args(a, ctx) + pre),)
+    return (Module(ctx.name, _conv_class(a, ctx, folded=bool(a.pre)), _conv_args(a, ctx)),)
+
+
+def _pre(a: ConvAttrs | LinearAttrs) -> tuple[tuple[str, tuple[str, ...], str], ...]:
+    """A layer that applies the batch norm of a BNClamp before it is handed that norm's scale and shift."""
+    return (("pre", a.pre, "scale_shift"),) if a.pre else ()
 
 
 def _conv_words(a: ConvAttrs, out: str) -> str:
@@ -428,8 +435,7 @@ def _bn_form(cls: str) -> TorchForm:
 
 
 def _conv_bn_modules(a: ConvBNAttrs, ctx: TorchContext) -> tuple[Module, ...]:
-    extra = (Arg("norm", a.norm, ""), Arg("pre", a.conv.pre, ()))
-    conv = Module(ctx.name, _conv_class(a.conv, ctx, folded=True), _conv_args(a.conv, ctx) + extra)
+    conv = Module(ctx.name, _conv_class(a.conv, ctx, folded=True), _conv_args(a.conv, ctx))
     return conv, Module(a.norm, "FoldedBatchNorm2d", _bn_args(a.bn, ctx.cout))
 
 
@@ -482,7 +488,7 @@ def _module_form(cls: str, *args: Arg) -> TorchForm:
 
 
 def _linear_modules(a: LinearAttrs, ctx: TorchContext) -> tuple[Module, ...]:
-    args = (Arg("", ctx.cin), Arg("", a.out_features), Arg("bias", a.bias, True), Arg("pre", a.pre, ()))
+    args = (Arg("", ctx.cin), Arg("", a.out_features), Arg("bias", a.bias, True))
     return (Module(ctx.name, "FoldedLinear" if a.pre else "nn.Linear", args),)
 
 
@@ -504,7 +510,7 @@ OPS: dict[OpKind, OpDef] = {
         _conv_macs,
         saves=lambda a: _INPUT,
         words=_conv_words,
-        torch=TorchForm(_conv_modules, fresh=True),
+        torch=TorchForm(_conv_modules, fresh=True, hands=_pre),
         onnx=_conv_onnx,
     ),
     OpKind.BATCHNORM: OpDef(
@@ -587,7 +593,7 @@ OPS: dict[OpKind, OpDef] = {
         lambda a, s, out: a.out_features * s[0][0],
         saves=lambda a: _INPUT,
         words=lambda a, out: "linear layer" + (", applying the batch norm before it to its input" if a.pre else ""),
-        torch=TorchForm(_linear_modules, fresh=True),
+        torch=TorchForm(_linear_modules, fresh=True, hands=_pre),
         onnx=_one("Gemm", transB=1),  # y = x W^T + b, W stored (out, in) as torch stores it
     ),
     OpKind.CONV_BN: OpDef(
@@ -598,7 +604,9 @@ OPS: dict[OpKind, OpDef] = {
         lambda a, s, out: _conv_macs(a.conv, s, out),
         eval_only="batch norms folded into convolutions",
         words=lambda a, out: _conv_words(a.conv, out) + ", with the batch norm after it folded in",
-        torch=TorchForm(_conv_bn_modules, fresh=True),
+        torch=TorchForm(
+            _conv_bn_modules, fresh=True, hands=lambda a: _pre(a.conv) + (("post", (a.norm,), "eval_affine"),)
+        ),
         onnx=lambda a, ins, out, name, opset: _conv_onnx(a.conv, ins, out, name, opset),
     ),
     OpKind.BN_RELU: OpDef(

@@ -73,18 +73,20 @@ RUNTIME: dict[str, tuple[str, tuple[str, ...]]] = {
     "_tile_size": ("tile_size", ("_traced",)),
     "conv1x1": ("conv1x1", ("_traced",)),
     "ReLU": ("relu", ()),
-    "_bn_affine": ("bn_affine", ()),
-    "BNReLU": ("bn_relu", ("_bn_affine",)),
-    "BNClamp": ("bn_clamp", ("_bn_affine",)),
-    "FoldedConv2d": ("folded_conv", ("_bn_affine",)),
+    "_eager": ("fold_cache", ()),
+    "_FoldedNorm": ("folded_norm", ("_eager",)),
+    "BNReLU": ("bn_relu", ("_FoldedNorm",)),
+    "BNClamp": ("bn_clamp", ("_FoldedNorm",)),
+    "FoldedBatchNorm2d": ("folded_batchnorm", ("_FoldedNorm",)),
+    "FoldedConv2d": ("folded_conv", ("_eager",)),
     "FoldedConv1x1": ("folded_conv1x1", ("FoldedConv2d", "conv1x1")),
-    "FoldedBatchNorm2d": ("folded_batchnorm", ()),
-    "FoldedLinear": ("folded_linear", ()),
+    "FoldedLinear": ("folded_linear", ("_eager",)),
     "Conv1x1": ("conv1x1_module", ("conv1x1",)),
 }
 # Names the generated module defines or imports: a network may not be called one of these.
 _TAKEN = {"re", "torch", "nn", "F", "Tensor", "OrderedDict", "DenseNet", "DenseBlock", "DenseLayer", "Transition"}
-_TAKEN |= {"PlainDenseLayer", "upgrade_state_dict", "build", "checkpoint", "BufferedDenseBlock"} | set(RUNTIME)
+_TAKEN |= {"PlainDenseLayer", "upgrade_state_dict", "build", "checkpoint", "BufferedDenseBlock", "Features"}
+_TAKEN |= {"Callable", "_wide", "_derived"} | set(RUNTIME)
 
 
 def emit(graph: nx.DiGraph, options: dict | None = None) -> str:
@@ -318,16 +320,22 @@ class UnitClass:
 
 
 class Classes:
-    """The unit classes a module needs, named in the order they are first met."""
+    """The unit classes a module needs, named in the order they are first met.
 
-    def __init__(self) -> None:
+    `frozen`: the module is inference-only, so it never trains and dropout, the identity in eval mode, is left out.
+    """
+
+    def __init__(self, frozen: bool = False) -> None:
         self.all: list[UnitClass | GraphClass] = []
+        self.frozen = frozen
 
     def instance(
         self, graph: nx.DiGraph, kind: UnitKind, chain: list[Node], in_channels: int, buffered: bool = False
     ) -> str:
         """The constructor call of the unit `chain`, creating or widening its class."""
         core, slots, rates = _core(chain)
+        if self.frozen:
+            slots, rates = set(), []
         # a ReLU first in its chain reads the unit's input, which others read too
         fresh = [i > 0 and (i - 1) not in slots and _fresh_input(graph, n) for i, n in enumerate(core)]
         sig = (buffered, _signature(core, fresh))
@@ -385,7 +393,7 @@ def _class_view(cls: UnitClass, tiled: bool) -> dict:
 
     def step_lines(code: Lines, indices: range) -> None:
         for i in indices:
-            code.add(f"x = self.{cls.steps[i].node.name}(x)")
+            code.add(f"x = {_call('self', cls.steps[i].node.name, cls.steps[i].node)}")
             if i in cls.drop_slots:
                 code.add("if self.drop_rate > 0:")
                 code.add("    x = F.dropout(x, p=self.drop_rate, training=self.training)")
@@ -445,9 +453,16 @@ def _graph_lines(
     """Compute `nodes` in order, one line each, each reading the expressions its inputs have in `env`.
 
     A module is reached from `via` by its path below the class that runs the code (the first `owner`
-    parts of the node's path are that class's own). Adds each node's variable to `env`.
+    parts of the node's path are that class's own). Adds each node's variable to `env`. In an inference-only
+    network a dropout is the identity, and no line.
     """
-    for number, n in enumerate(nodes, start=1):
+    frozen = bool(inference_only(graph)) and any(n.op is OpKind.DROPOUT for n in nodes)
+    number = 0
+    for n in nodes:
+        if frozen and n.op is OpKind.DROPOUT:
+            env[n.scope] = env[inputs(graph, n.scope)[0]]
+            continue
+        number += 1
         form = OPS[n.op].torch
         if form is None:
             raise EmitError(f"torch target: {n.scope}: a {n.op.value} has no torch form")
@@ -457,7 +472,7 @@ def _graph_lines(
                 raise Unstructured(n.scope)
             args.append(env[src])
         if form.modules is not None:
-            call = f"{via}.{_dotted(n.path[owner:])}({', '.join(args)})"
+            call = _call(".".join([via, *(_ident(p) for p in n.path[owner:-1])]), n.name, n, ", ".join(args))
         else:
             call = form.call(n.attrs, args)
         var = f"x{number}"
@@ -546,7 +561,10 @@ def view(graph: nx.DiGraph, options: dict) -> dict:
         "old_key_pattern": json.dumps(OLD_KEY_PATTERN),  # a double-quoted literal, as ruff format writes it
         "runtime": [f"torch/runtime/{snippet}.py.j2" for snippet in runtime],
         "block_runtime": [f"torch/runtime/{snippet}.py.j2" for snippet in block_runtime],
-        "functional": body["dropout"] or any(p in runtime for p in ("conv1x1", "folded_conv", "folded_linear")),
+        "functional": (body["dropout"] and not frozen)
+        or any(p in runtime for p in ("conv1x1", "folded_conv", "folded_linear")),
+        "callable": "fold_cache" in runtime,
+        "sequential": body.get("sequential", ""),
         "classes": class_views,
         "graph_classes": [_graph_class_view(c) for c in graph_classes],
         "checkpointed": _tuple(checkpointed),
@@ -625,12 +643,9 @@ def _structured(graph: nx.DiGraph) -> dict:
     init = Lines(8)
     init.add("self.features = features = nn.Sequential()")
     head = Lines(8)
-    blocks = Lines(8)  # forward_blocks: each stage of `features` in turn, each block's output kept
-    if settings(graph).memory_format == "channels_last":
-        blocks.add("x = x.contiguous(memory_format=torch.channels_last)")
-    blocks.add("outputs: list[Tensor] = []")
-    blocks.add("features = self.features")
-    classes = Classes()
+    # each module `features` calls, in order: its name, its op where it is one op's module, its output node
+    stages: list[tuple[str, Node | None, Node]] = []
+    classes = Classes(frozen=bool(inference_only(graph)))
     found = {"dropout": False, "plain_block": False, "buffered": False}
     items = list(units(graph).items())
     (source,) = items[0][1]
@@ -644,7 +659,7 @@ def _structured(graph: nx.DiGraph) -> dict:
         if kind is UnitKind.STEM:  # one unit: units() groups all of the stem's nodes
             init.comment("stem")
             for n in _as_chain(graph, members, previous.scope):
-                _feature(init, blocks, graph, n, previous)
+                stages.append((n.name, _feature(init, graph, n, previous), n))
                 previous = n
         elif kind is UnitKind.DENSE_LAYER:
             j = i
@@ -654,8 +669,7 @@ def _structured(graph: nx.DiGraph) -> dict:
                 raise Unstructured(members[0].scope)
             found["dropout"] |= any(n.op is OpKind.DROPOUT for _, ms in items[i:j] for n in ms)
             cat, block_class = _block(graph, items[i:j], items[j][1], previous, classes, init)
-            blocks.add(f"x = features.{_ident(cat.path[1])}(x)", _shape(cat))
-            blocks.add("outputs.append(x)")
+            stages.append((cat.path[1], None, cat))
             found["plain_block"] |= block_class == "DenseBlock"
             found["buffered"] |= block_class == "BufferedDenseBlock"
             previous, i = cat, j
@@ -667,18 +681,18 @@ def _structured(graph: nx.DiGraph) -> dict:
             except NotAChain:
                 call = _graph_unit(graph, unit, members, {entry.scope: "x"}, classes, "x: Tensor")
             init.add(f"features.{_ident(parent[1])} = {call}", _shape(members[-1]))
-            blocks.add(f"x = features.{_ident(parent[1])}(x)")
             previous = _output(graph, members)
+            stages.append((parent[1], None, previous))
         elif kind is UnitKind.HEAD:
             last = _entry(graph, members, previous)
             for n in _as_chain(graph, members, last.scope):
                 if n.path[0] == "features" and len(n.path) == 2 and not head_modules:
-                    _feature(init, None, graph, n, last)
+                    stages.append((n.name, _feature(init, graph, n, last), n))
                 elif len(n.path) == 1 and _is_module(n):
                     for m in _literal_modules(graph, n):
                         init.add(f"self.{_ident(m.name)} = {_constructor(m)}")
                     head_modules.append(n.name)
-                    call = f"self.{n.name}(x)"
+                    call = _call("self", n.name, n)
                     head.add(f"return {call}" if n is members[-1] else f"x = {call}", _shape(n))
                 else:
                     raise Unstructured(n.scope)
@@ -688,10 +702,29 @@ def _structured(graph: nx.DiGraph) -> dict:
         i += 1
     if not head_modules or not head.lines[-1].startswith("return "):
         raise Unstructured("head")
+    channels_last = settings(graph).memory_format == "channels_last"
+    # forward_blocks: each stage of `features` in turn, each block's output kept
+    blocks = Lines(8)
+    if channels_last:
+        blocks.add("x = x.contiguous(memory_format=torch.channels_last)")
+    blocks.add("outputs: list[Tensor] = []")
+    blocks.add("features = self.features")
+    last = max(i for i, (_, _, out) in enumerate(stages) if out.unit.kind is UnitKind.BLOCK_OUTPUT)
+    for name, op, out in stages[: last + 1]:
+        block_output = out.unit.kind is UnitKind.BLOCK_OUTPUT
+        blocks.add(f"x = {_call('features', name, op)}", _shape(out) if block_output else "")
+        if block_output:
+            blocks.add("outputs.append(x)")
     blocks.add("return outputs")
-    features_node = next(n for n in reversed(ordered(graph)) if n.path[0] == "features")
+    # `features` calls its modules in turn, as a Sequential does, unless one is handed another's scale and shift
+    sequential = Lines(8)
+    if any(OPS[op.op].torch.hands(op.attrs) for _, op, _ in stages if op is not None):
+        for name, op, out in stages:
+            sequential.add(f"x = {_call('self', name, op)}", _shape(out))
+        sequential.add("return x")
+        init.lines[0] = "self.features = features = Features()"
     features = Lines(8)
-    if settings(graph).memory_format == "channels_last":
+    if channels_last:
         features.add("x = x.contiguous(memory_format=torch.channels_last)")
     features.add("return self.features(x)")
     return {
@@ -699,11 +732,20 @@ def _structured(graph: nx.DiGraph) -> dict:
         "head": head,
         "blocks": blocks,
         "features": features,
+        "sequential": sequential.text(),
         "classes": classes,
         "input_shape": _shape(source),
-        "features_shape": _shape(features_node),
+        "features_shape": _shape(stages[-1][2]),
         **found,
     }
+
+
+def _call(via: str, name: str, op: Node | None, x: str = "x") -> str:
+    """The call of module `name` of `via` on `x`; the module of an op is handed what the op table says (another
+    module's scale and shift, reached from `via`, its parent)."""
+    hands = OPS[op.op].torch.hands(op.attrs) if op is not None else ()
+    extra = "".join(f", {key}={via}.{_dotted(path)}.{method}()" for key, path, method in hands)
+    return f"{via}.{_ident(name)}({x}{extra})"
 
 
 def _output(graph: nx.DiGraph, members: list[Node]) -> Node:
@@ -722,16 +764,14 @@ def _as_chain(graph: nx.DiGraph, members: list[Node], entry: str) -> list[Node]:
         raise Unstructured(members[0].scope) from None
 
 
-def _feature(init: Lines, blocks: Lines | None, graph: nx.DiGraph, n: Node, previous: Node) -> None:
-    """The modules of one op in `features`, a shape comment where the shape changes."""
+def _feature(init: Lines, graph: nx.DiGraph, n: Node, previous: Node) -> Node:
+    """The modules of one op in `features`, a shape comment where the shape changes; returns the op."""
     if not _is_module(n) or len(n.path) != 2 or n.path[0] != "features":
         raise Unstructured(n.scope)
     changed = previous is None or n.shape != previous.shape
-    modules = _literal_modules(graph, n)
-    for i, m in enumerate(modules):
+    for i, m in enumerate(_literal_modules(graph, n)):  # a folded conv's batch norm is held beside it
         init.add(f"features.{_ident(m.name)} = {_constructor(m)}", _shape(n) if changed and i == 0 else "")
-    if blocks is not None:  # a folded conv's batch norm computes nothing: only the op's own module is called
-        blocks.add(f"x = features.{_ident(modules[0].name)}(x)")
+    return n
 
 
 def _entry(graph: nx.DiGraph, members: list[Node], previous: Node) -> Node:

@@ -1,0 +1,184 @@
+"""The -O2 module's public API: each call works as on -O0 or is refused with the inference-only message.
+
+The folded tensors are derived from torchvision's, never saved, and derived again whenever one of those is
+another tensor, has changed in place, or has another dtype or device; what no hook can see (writing into
+`p.data`) is what `fold()` is for. A tiny spec with dropout, compiled here at -O0 and -O2.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from conftest import import_file
+
+torch = pytest.importorskip("torch", exc_type=ImportError)
+
+from dnc.ir.infer import state_dict_layout  # noqa: E402
+from dnc.ir.passes import select  # noqa: E402
+from dnc.pipeline import build  # noqa: E402
+from dnc.targets.torch import emit as emit_torch  # noqa: E402
+from dnc.weights import seeded_state, to_torch  # noqa: E402
+
+TINY = """\
+version: 1
+name: tiny
+input: {channels: 3, size: [24, 20]}
+growth_rate: 8
+bn_size: 2
+drop_rate: 0.3
+blocks: [2, 3]
+head: {classes: 5}
+"""
+REFUSED = "compiled by dnc -O2 for inference only"
+
+
+@pytest.fixture(scope="module")
+def modules(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("o2")
+    (tmp / "tiny.yaml").write_text(TINY)
+    out = {}
+    for level in (0, 2):
+        _, graph = build(tmp / "tiny.yaml", passes=select("torch", level))
+        (tmp / f"o{level}.py").write_text(emit_torch.emit(graph))
+        out[level] = import_file(tmp / f"o{level}.py", f"tiny_o2_api_{level}")
+        LAYOUT.update(state_dict_layout(graph))
+    return out, graph
+
+
+LAYOUT = {}  # the state_dict layout of the tiny spec, filled in by the fixture
+
+
+def weights(seed: int):
+    return to_torch(seeded_state(LAYOUT, seed=seed))
+
+
+X = torch.randn(3, 3, 24, 20, generator=torch.Generator().manual_seed(0))
+
+
+def rel_err(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def pair(modules, seed: int = 1):
+    mods, _ = modules
+    o0, o2 = mods[0].DenseNet().eval(), mods[2].DenseNet()
+    state = weights(seed)
+    o0.load_state_dict(state)
+    o2.load_state_dict(state)
+    return o0, o2
+
+
+def same(o0, o2, x=X, tol=1e-5) -> bool:
+    with torch.no_grad():
+        return rel_err(o2(x), o0(x)) <= tol
+
+
+def test_loads_into_any_submodule_are_seen(modules):
+    o0, o2 = pair(modules)
+    assert same(o0, o2)
+    other = weights(7)
+    for prefix in ("classifier.", "features.", "features.denseblock2.denselayer1.", "features.norm0."):
+        part = {k[len(prefix) :]: v for k, v in other.items() if k.startswith(prefix)}
+        o0.get_submodule(prefix[:-1]).load_state_dict(part)
+        o2.get_submodule(prefix[:-1]).load_state_dict(part)
+        assert same(o0, o2), prefix
+    o0.load_state_dict(weights(8), strict=False)
+    o2.load_state_dict(weights(8), strict=False)
+    assert same(o0, o2)
+
+
+def test_assign_loads_and_the_meta_device(modules):
+    mods, _ = modules
+    o0, _ = pair(modules, seed=3)
+    with torch.device("meta"):
+        o2 = mods[2].DenseNet()
+    o2.load_state_dict(weights(3), assign=True)
+    assert same(o0, o2.eval())
+
+
+def test_functional_call_uses_the_tensors_it_is_given(modules):
+    o0, o2 = pair(modules)
+    other = weights(5)
+    with torch.no_grad():
+        want = torch.func.functional_call(o0, other, (X,))
+        got = torch.func.functional_call(o2, other, (X,))
+        assert rel_err(got, want) <= 1e-5
+        assert same(o0, o2)  # and its own tensors again afterwards
+
+
+def test_other_dtypes_fold_in_float32_or_wider(modules):
+    o0, o2 = pair(modules)
+    o0d, o2d = o0.double(), o2.double()
+    with torch.no_grad():
+        assert rel_err(o2d(X.double()), o0d(X.double())) <= 1e-12
+    o0f, o2f = o0.float(), o2.float()
+    assert same(o0f, o2f)
+    for dtype, tol in ((torch.bfloat16, 5e-2), (torch.float16, 5e-3)):
+        with torch.no_grad():
+            want = copy.deepcopy(o0f).to(dtype)(X.to(dtype)).float()
+            got = copy.deepcopy(o2f).to(dtype)(X.to(dtype)).float()
+        assert torch.isfinite(got).all() and rel_err(got, want) <= tol, dtype
+
+
+def test_training_is_refused_on_the_model_any_submodule_or_parameter(modules):
+    o0, o2 = pair(modules)
+    with pytest.raises(RuntimeError, match=REFUSED):
+        o2.train()
+    o2.features.train()  # a submodule: torch's own train(), then every forward refuses
+    with pytest.raises(RuntimeError, match=REFUSED), torch.no_grad():
+        o2(X)
+    o2.eval()
+    with pytest.raises(RuntimeError, match=REFUSED):
+        o2.apply(lambda m: m.train())  # the model's own train() refuses, after the submodules apply() reached first
+    with pytest.raises(RuntimeError, match=REFUSED), torch.no_grad():
+        o2(X)  # those are in train mode now: every forward refuses until eval()
+    o2.eval()
+    assert same(o0, o2)
+    with torch.no_grad():  # dropout (rate 0.3 here) never fires: the same numbers twice
+        assert torch.equal(o2(X), o2(X))
+
+
+def test_gradients_are_refused(modules):
+    _, o2 = pair(modules)
+    o2.requires_grad_(True)
+    with pytest.raises(RuntimeError, match=REFUSED):
+        o2(X)
+    o2.requires_grad_(False)
+    o2.classifier.weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match=REFUSED):
+        o2(X)
+    with torch.no_grad():  # nothing records: fine
+        o2(X)
+    o2.classifier.weight.requires_grad_(False)
+    with pytest.raises(RuntimeError, match=REFUSED):
+        o2(X.clone().requires_grad_())
+
+
+def test_a_tensor_that_is_not_a_batch_of_images_says_what_the_model_expects(modules):
+    _, o2 = pair(modules)
+    with pytest.raises(ValueError, match=r"tiny expects a batch of images \(B, 3, 24, 20\), got a tensor of shape"):
+        o2(X[0])
+
+
+def test_writes_into_data_are_what_fold_is_for(modules):
+    o0, o2 = pair(modules)
+    with torch.no_grad():
+        o2(X)
+        o0.features.conv0.weight.mul_(2)
+        o2.features.conv0.weight.data.mul_(2)  # no version bump: not seen ...
+    assert not same(o0, o2)
+    o2.fold()  # ... until fold()
+    assert same(o0, o2)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_the_scripted_module_saves_and_loads_torchvision_keys(modules, tmp_path):
+    o0, o2 = pair(modules)
+    scripted = torch.jit.script(o2)
+    assert list(scripted.state_dict()) == list(o0.state_dict())  # nothing folded is saved
+    other = weights(9)
+    scripted.load_state_dict(other, strict=False)
+    o0.load_state_dict(other)
+    with torch.no_grad():
+        assert rel_err(scripted(X), o0(X)) <= 1e-5
