@@ -14,11 +14,12 @@ import networkx as nx
 from dnc.files import spec_reference
 from dnc.frontend.loader import load_spec
 from dnc.frontend.spec import Spec
-from dnc.ir.graph import IRError, verify
+from dnc.ir.graph import IRError
 from dnc.ir.infer import infer
 from dnc.ir.limits import Limits, check_limits
 from dnc.ir.lower import lower
 from dnc.ir.passes import NamedPass
+from dnc.ir.verifier import verify
 
 
 def compile_spec(spec: Spec, source: str = "", passes: Sequence[NamedPass] = ()) -> nx.DiGraph:
