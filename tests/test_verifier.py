@@ -118,6 +118,9 @@ MALFORMED = {
     "features.denseblock1.cat: input ports [0, 1, 2, 3, 4, 6] are not 0..n-1": lambda g: _without_edge(
         g, "features.denseblock1.denselayer5.conv2", "features.denseblock1.cat"
     ),
+    "features.norm0: input ports [None] are not 0..n-1": lambda g: g.edges["features.conv0", "features.norm0"].pop(
+        "port"
+    ),
     "features.norm0: input features.conv0 does not come before it": lambda g: _set(g, "features.conv0", order=10**6),
     "features.conv0: conv rule fails on inputs 3x224x224: TypeError": lambda g: _conv_attrs(
         g, "features.conv0", kernel="7"

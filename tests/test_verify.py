@@ -43,14 +43,22 @@ def torchvision_state(path) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def test_verify_seeded_against_torchvision(small):
+def errors(line: str) -> dict[str, tuple[float, float]]:
+    """Reference -> (max abs error, max rel error), as a result line prints them."""
+    found = re.findall(r"vs ([^:]+): max abs error ([^,]+), max rel error ([^;:]+)", line)
+    return {name: (float(a), float(r)) for name, a, r in found}
+
+
+def test_verify_seeded_against_the_interpreter_and_torchvision(small):
     result = run_dnc("verify", small, "--seed", "3", "--batch", "1")
     assert result.returncode == 0, result.stderr
     line = result.stdout.strip()
-    assert "vs torchvision, seeded weights (seed 3), input (1, 3, 64, 64) on cpu" in line
+    assert line.startswith(f"{small}: seeded weights (seed 3), input (1, 3, 64, 64) on cpu: vs the interpreter")
     assert line.endswith(": ok")
-    rel = float(re.search(r"max rel error ([^:]+):", line).group(1))
-    assert rel <= 1e-5
+    found = errors(line)
+    assert list(found) == ["the interpreter (float64, -O0 IR)", "torchvision"]
+    assert 0 < found["the interpreter (float64, -O0 IR)"][1] <= 1e-5  # float32 against float64
+    assert found["torchvision"] == (0, 0)  # -O0 is torchvision's code: bit-identical
 
 
 def test_verify_pth_old_and_new_keys(small, tmp_path):
@@ -85,11 +93,36 @@ def test_verify_wrong_checkpoint_is_one_line(small, tmp_path, write_spec):
     assert "of another shape" in result.stderr
 
 
-def test_verify_without_torchvision_reference():
-    result = dnc_cli("verify", "specs/densenet40_k12.yaml", "--batch", "1")
+@pytest.mark.parametrize("target", ["torch", "onnx"])
+def test_verify_without_torchvision_compares_numbers_with_the_interpreter(target):
+    result = dnc_cli("verify", "specs/densenet40_k12.yaml", "--batch", "1", "--target", target, "-O2")
     assert result.returncode == 0, result.stderr
-    assert "no torchvision reference" in result.stdout
-    assert "output (1, 10) and 1,019,722 parameters as inferred: ok" in result.stdout
+    line = result.stdout.strip()
+    assert "; no torchvision reference (torchvision's DenseNet cannot express densenet40_k12: it lacks" in line
+    (name, (_, rel)), *_ = errors(line).items()
+    assert name == "the interpreter (float64, -O0 IR)" and 0 < rel <= 1e-5 and line.endswith(": ok")
+
+
+def test_a_sabotaged_emitter_fails_verify_for_a_spec_torchvision_cannot_express(monkeypatch):
+    """The torch emitter writing GELU where the IR says ReLU: only a numerical check against an independent
+    reference sees it (the output shape and the parameter count are unchanged)."""
+    import dnc.targets.torch.emit as emit_torch
+    from dnc.ir.graph import OpKind
+
+    emitted = emit_torch._modules
+
+    def gelu_for_relu(n, *args, **kwargs):
+        return [(n.name, "nn.GELU()")] if n.op is OpKind.RELU else emitted(n, *args, **kwargs)
+
+    monkeypatch.setattr(emit_torch, "_modules", gelu_for_relu)
+    _, graph = build("specs/densenet_bc100_k12.yaml")
+    assert "nn.GELU()" in emit_torch.emit(graph)  # the sabotage took
+    result = dnc_cli("verify", "specs/densenet_bc100_k12.yaml", "--batch", "1")
+    assert result.returncode == 1, result.stderr
+    line = result.stdout.strip()
+    assert line.startswith("specs/densenet_bc100_k12.yaml: seeded weights (seed 0), input (1, 3, 32, 32) on cpu:")
+    assert line.endswith(": MISMATCH (tolerance 1e-05)")
+    assert errors(line)["the interpreter (float64, -O0 IR)"][1] > 1e-3
 
 
 def test_verify_onnx_against_torchvision_with_a_checkpoint(small, tmp_path):
@@ -98,15 +131,9 @@ def test_verify_onnx_against_torchvision_with_a_checkpoint(small, tmp_path):
     result = dnc_cli("verify", small, "--target", "onnx", "--weights", ckpt, "--batch", "3")
     assert result.returncode == 0, result.stderr
     line = result.stdout.strip()
-    assert line.startswith(f"{small} (onnx, onnxruntime): vs torchvision, weights {ckpt}, input (3, 3, 64, 64) on cpu")
-    assert float(re.search(r"max rel error ([^:]+):", line).group(1)) <= 1e-5 and line.endswith(": ok")
-
-
-def test_verify_onnx_without_torchvision_compares_with_the_generated_model():
-    result = dnc_cli("verify", "specs/densenet40_k12.yaml", "--target", "onnx", "--batch", "2")
-    assert result.returncode == 0, result.stderr
-    assert "(onnx, onnxruntime): vs the generated PyTorch model (torchvision's DenseNet cannot express" in result.stdout
-    assert float(re.search(r"max rel error ([^:]+):", result.stdout).group(1)) <= 1e-5
+    assert line.startswith(f"{small} (onnx, onnxruntime): weights {ckpt}, input (3, 3, 64, 64) on cpu: vs the")
+    assert max(rel for _, rel in errors(line).values()) <= 1e-5 and line.endswith(": ok")
+    assert len(errors(line)) == 2
 
 
 def test_verify_unknown_target(small):

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from dnc.errors import DncError
 from dnc.ir.graph import Node, OpKind, inputs, ordered, output
+from dnc.ir.verifier import verify
 
 Tensor = torch.Tensor
 
@@ -51,12 +52,14 @@ class Interpreted:
 
 
 def interpret(graph: nx.DiGraph, state: Mapping[str, Tensor], x: Tensor, *, train: bool = False) -> Interpreted:
-    """Evaluate the inferred IR `graph` on the batch `x` (N, C, H, W) with the weights `state` (state_dict keys).
+    """Evaluate the inferred IR `graph`, verified first, on the batch `x` (N, C, H, W) with the weights `state`
+    (by state_dict key).
 
     The computation runs in `x`'s dtype on `x`'s device. `train`: batch norm uses batch
     statistics and updates the running ones (returned in `.state`, in that dtype), dropout
     drops. Under autograd, gradients flow to every tensor of `state` and to `x`.
     """
+    verify(graph, inferred=True)  # a legal IR only: what the op table says each node is
     if not x.is_floating_point() or x.dim() != 4:
         raise DncError(f"interpreter: expected a floating-point (N, C, H, W) batch, got {x.dtype} {tuple(x.shape)}")
     run = _Run(graph, state, x, train)
@@ -136,8 +139,9 @@ def _batchnorm(run: _Run, n: Node, x: Tensor, module: str = "") -> Tensor:
     attrs = n.attrs.bn if n.op is OpKind.CONV_BN else n.attrs
     weight, bias = run.tensor(n, "weight", module), run.tensor(n, "bias", module)
     mean, var = run.tensor(n, "running_mean", module), run.tensor(n, "running_var", module)
-    if not run.train:
-        return (x - _channel(mean)) / torch.sqrt(_channel(var) + attrs.eps) * _channel(weight) + _channel(bias)
+    if not run.train:  # per channel, x * scale + shift: one pass over the feature map
+        scale = weight / torch.sqrt(var + attrs.eps)
+        return torch.addcmul(_channel(bias - mean * scale), x, _channel(scale))
     count = x.numel() // x.shape[1]  # values per channel
     if count < 2:
         raise DncError(f"interpreter: {n.scope}: batch norm in train mode needs more than one value per channel")

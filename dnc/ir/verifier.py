@@ -92,12 +92,13 @@ def check_structure(graph: nx.DiGraph) -> None:
             raise IRError(f"{scope}: {n.op} carries {type(n.attrs).__name__}")
         if not isinstance(n.unit, Unit) or (n.op is OpKind.INPUT) != (n.unit.kind is UnitKind.INPUT):
             raise IRError(f"{scope}: {n.op} node in unit {n.unit!r}")
-        ports = sorted(edge["port"] for edge in graph.pred[scope].values())
+        ports = [edge.get("port") for edge in graph.pred[scope].values()]
         arity = OPS[n.op].arity
         if (arity is None and not ports) or (arity is not None and len(ports) != arity):
             raise IRError(f"{scope}: {n.op.value} takes {arity or 'one or more'} inputs, has {len(ports)}")
-        if ports != list(range(len(ports))):
-            raise IRError(f"{scope}: input ports {ports} are not 0..n-1")
+        if any(type(p) is not int for p in ports) or sorted(ports) != list(range(len(ports))):
+            shown = sorted(p for p in ports if type(p) is int) + [p for p in ports if type(p) is not int]
+            raise IRError(f"{scope}: input ports {shown} are not 0..n-1")
         if n.order in seen:
             raise IRError(f"{scope}: order {n.order} is not unique")
         seen.add(n.order)
