@@ -62,6 +62,7 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/summary_speed.py
 	$(BIN)/python benchmarks/compile_speed.py
+	$(BIN)/python benchmarks/verifier_cost.py
 	$(BIN)/python benchmarks/onnx_vs_torch_export.py --specs densenet121 densenet264
 	$(BIN)/python benchmarks/torch_vs_torchvision.py
 
