@@ -118,8 +118,7 @@ def node(graph: nx.DiGraph, scope: str) -> Node:
 
 def inputs(graph: nx.DiGraph, scope: str) -> list[str]:
     """The node's inputs, in port order."""
-    pred = graph.pred[scope]
-    return sorted(pred, key=lambda src: pred[src]["port"])
+    return sorted(graph.pred[scope], key=lambda src: graph.pred[scope][src]["port"])
 
 
 def input_nodes(graph: nx.DiGraph, n: Node) -> list[Node]:

@@ -62,7 +62,7 @@ def interpret(graph: nx.DiGraph, state: Mapping[str, Tensor], x: Tensor, *, trai
     verify(graph, inferred=True)  # a legal IR only: what the op table says each node is
     if not x.is_floating_point() or x.dim() != 4:
         raise DncError(f"interpreter: expected a floating-point (N, C, H, W) batch, got {x.dtype} {tuple(x.shape)}")
-    run = _Run(graph, state, x, train)
+    run = _Run(state, x, train)
     values: dict[str, Tensor] = {}
     readers = {scope: graph.out_degree(scope) for scope in graph}  # to free each value after its last reader
     for n in ordered(graph):
@@ -95,8 +95,8 @@ def leaf_state(graph: nx.DiGraph, state: Mapping[str, object], dtype: torch.dtyp
 class _Run:
     """One evaluation: the weights, the input's dtype and device, the mode, and the state it updates."""
 
-    def __init__(self, graph: nx.DiGraph, state: Mapping[str, Tensor], x: Tensor, train: bool):
-        self.graph, self.given, self.x, self.train = graph, state, x, train
+    def __init__(self, state: Mapping[str, Tensor], x: Tensor, train: bool):
+        self.given, self.x, self.train = state, x, train
         self.state = dict(state)
 
     def tensor(self, n: Node, name: str, module: str = "") -> Tensor:
