@@ -1,5 +1,5 @@
 # Two entry points, each setting everything up first:
-#   make zoo    compile every spec in specs/ to PyTorch and ONNX and verify both (the main job)
+#   make zoo    compile every spec in specs/ to PyTorch and ONNX and verify both at every -O level (the main job)
 #   make test   run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -43,8 +43,11 @@ zoo: setup
 	$(BIN)/dnc validate specs/*.yaml
 	$(BIN)/dnc compile --target torch
 	$(BIN)/dnc compile --target onnx
-	$(BIN)/dnc verify specs/*.yaml --target torch
-	$(BIN)/dnc verify specs/*.yaml --target onnx
+	$(BIN)/dnc verify specs/*.yaml --target torch -O0
+	$(BIN)/dnc verify specs/*.yaml --target torch -O1
+	$(BIN)/dnc verify specs/*.yaml --target torch -O2
+	$(BIN)/dnc verify specs/*.yaml --target onnx -O0
+	$(BIN)/dnc verify specs/*.yaml --target onnx -O2
 
 test: setup
 	$(BIN)/python -m pytest
@@ -59,6 +62,7 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/summary_speed.py
 	$(BIN)/python benchmarks/compile_speed.py
+	$(BIN)/python benchmarks/verifier_cost.py
 	$(BIN)/python benchmarks/onnx_vs_torch_export.py --specs densenet121 densenet264
 	$(BIN)/python benchmarks/torch_vs_torchvision.py
 

@@ -431,14 +431,14 @@ def _all_specs() -> list[Path]:
 @build_options
 @report_errors
 def verify(specs, overrides, weights, device, seed, batch, target, opt_level, pass_, no_pass, policy):
-    """Run what dnc compile emits and compare it with torchvision's DenseNet.
+    """Run what dnc compile emits and compare it with the IR interpreter and torchvision.
 
     --target torch runs the generated PyTorch model, --target onnx the ONNX model on
-    onnxruntime. Both sides get the same weights (--weights, or seeded random ones with
-    randomised BN statistics) and the same seeded input, in eval mode. Exit 0 if every
-    spec agrees within a relative error of 1e-5, 1 if one does not. Where torchvision
-    cannot express a spec, the ONNX model is compared with the generated PyTorch model,
-    and the PyTorch model is checked against inference (output shape, parameter count).
+    onnxruntime, at the -O level asked for. The reference is dnc's IR interpreter run in
+    float64 on the spec's -O0 IR, and torchvision's DenseNet too where it can express the
+    spec. All get the same weights (--weights, or seeded random ones with randomised BN
+    statistics) and the same seeded input, in eval mode. Exit 0 if every spec agrees with
+    each reference within a relative error of 1e-5, 1 if one does not.
     """
     try:
         import torch  # noqa: F401
@@ -456,7 +456,17 @@ def verify(specs, overrides, weights, device, seed, batch, target, opt_level, pa
     for path in specs:
         spec, graph = build(display_path(path), overrides, passes=passes, **policy)
         label = str(path) if opt_level is None else f"{path} (-O{opt_level})"
-        outcome = verify_one(spec, graph, label, target=t, weights=weights, device=device, seed=seed, batch=batch)
+        outcome = verify_one(
+            spec,
+            graph,
+            label,
+            target=t,
+            weights=weights,
+            device=device,
+            seed=seed,
+            batch=batch,
+            limits=policy["limits"],
+        )
         say(outcome.line)
         failed += not outcome.ok
     sys.exit(1 if failed else 0)

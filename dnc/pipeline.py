@@ -14,12 +14,13 @@ import networkx as nx
 from dnc.files import spec_reference
 from dnc.frontend.loader import load_spec
 from dnc.frontend.spec import Spec
-from dnc.ir.graph import IRError, inference_only, verify
+from dnc.ir.graph import IRError, inference_only
 from dnc.ir.infer import infer
 from dnc.ir.limits import Limits, check_limits
 from dnc.ir.lower import lower
 from dnc.ir.passes import NamedPass, Setting
 from dnc.ir.settings import Settings
+from dnc.ir.verifier import verify
 
 
 def compile_spec(spec: Spec, source: str = "", passes: Sequence[NamedPass] = ()) -> nx.DiGraph:

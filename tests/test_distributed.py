@@ -14,9 +14,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from conftest import ROOT, import_file, run_dnc
-from distributed_worker import CONFIGS, LR, MOMENTUM, STEPS, config_name, freeze_bn
+
+torch = pytest.importorskip("torch", exc_type=ImportError)  # no torch: skip the module
+
+from distributed_worker import CONFIGS, LR, MOMENTUM, STEPS, config_name, freeze_bn  # noqa: E402  (needs torch)
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 

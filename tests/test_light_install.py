@@ -63,3 +63,19 @@ def test_verify_says_torch_is_needed(no_torch):
         result.stderr
         == "dnc: error: dnc verify runs the models: it needs torch (pip install -e '.[torch,onnxruntime]')\n"
     )
+
+
+def test_the_suite_collects_without_torch(no_torch):
+    """Every test module imports without torch: those that need it skip themselves (pytest.importorskip)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
+        cwd=ROOT,
+        env=no_torch,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    skipped = {line.split()[2].split(":")[0] for line in result.stdout.splitlines() if line.startswith("SKIPPED")}
+    assert {"tests/test_passes.py", "tests/test_distributed.py", "tests/test_weights_hostile.py"} <= skipped
+    assert "tests/test_verifier.py::" in result.stdout  # the IR's tests need no torch

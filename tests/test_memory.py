@@ -51,12 +51,19 @@ def rss():
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def file_pages():
+    # file-backed resident memory (torch's libraries): under memory pressure the kernel evicts some and the
+    # step pages them in again, which peak RSS would count as the step's growth
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile:"))
+
+
 if device == "cuda":
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
 else:
-    base = rss()
+    base, base_file = rss(), file_pages()
 kept = {}
 
 
@@ -75,7 +82,7 @@ if device == "cuda":
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
 else:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - max(0, file_pages() - base_file)
 print(json.dumps({"growth": peak - base, "saved": saved}))
 """
 

@@ -16,10 +16,8 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from conftest import ALL_SPECS, ROOT, TORCHVISION_SPECS, import_file, run_dnc, spec_path
 
-from dnc.check.reference import torchvision_densenet
 from dnc.errors import DncError
 from dnc.frontend.loader import load_spec
 from dnc.ir.graph import OpKind, inference_only, ordered
@@ -30,8 +28,12 @@ from dnc.pipeline import build
 from dnc.reports.ir_text import ir_text
 from dnc.targets.onnx.emit import emit_onnx
 from dnc.targets.torch import emit as emit_torch
-from dnc.targets.torch.run import load_generated
 from dnc.weights import seeded_state, to_torch
+
+torch = pytest.importorskip("torch", exc_type=ImportError)  # no torch: skip the module
+
+from dnc.check.reference import torchvision_densenet  # noqa: E402  (needs torch)
+from dnc.targets.torch.run import load_generated  # noqa: E402  (needs torch)
 
 torch.set_num_threads(2)
 SMALL = ["input.size=[64,96]"]  # non-square, and small enough for every ImageNet spec

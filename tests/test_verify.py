@@ -8,6 +8,7 @@ import pytest
 from conftest import dnc_cli, run_dnc
 
 from dnc.pipeline import build
+from dnc.targets import TARGETS
 
 torch = pytest.importorskip("torch", exc_type=ImportError)  # no torch: skip the module
 
@@ -43,14 +44,22 @@ def torchvision_state(path) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def test_verify_seeded_against_torchvision(small):
+def errors(line: str) -> dict[str, tuple[float, float]]:
+    """Reference -> (max abs error, max rel error), as a result line prints them."""
+    found = re.findall(r"vs ([^:]+): max abs error ([^,]+), max rel error ([^;:]+)", line)
+    return {name: (float(a), float(r)) for name, a, r in found}
+
+
+def test_verify_seeded_against_the_interpreter_and_torchvision(small):
     result = run_dnc("verify", small, "--seed", "3", "--batch", "1")
     assert result.returncode == 0, result.stderr
     line = result.stdout.strip()
-    assert "vs torchvision, seeded weights (seed 3), input (1, 3, 64, 64) on cpu" in line
+    assert line.startswith(f"{small}: seeded weights (seed 3), input (1, 3, 64, 64) on cpu: vs the interpreter")
     assert line.endswith(": ok")
-    rel = float(re.search(r"max rel error ([^:]+):", line).group(1))
-    assert rel <= 1e-5
+    found = errors(line)
+    assert list(found) == ["the interpreter (float64, -O0 IR)", "torchvision"]
+    assert 0 < found["the interpreter (float64, -O0 IR)"][1] <= 1e-5  # float32 against float64
+    assert found["torchvision"] == (0, 0)  # -O0 is torchvision's code: bit-identical
 
 
 def test_verify_pth_old_and_new_keys(small, tmp_path):
@@ -85,11 +94,42 @@ def test_verify_wrong_checkpoint_is_one_line(small, tmp_path, write_spec):
     assert "of another shape" in result.stderr
 
 
-def test_verify_without_torchvision_reference():
-    result = dnc_cli("verify", "specs/densenet40_k12.yaml", "--batch", "1")
+@pytest.mark.parametrize("target", ["torch", "onnx"])
+def test_verify_without_torchvision_compares_numbers_with_the_interpreter(target):
+    result = dnc_cli("verify", "specs/densenet40_k12.yaml", "--batch", "1", "--target", target, "-O2")
     assert result.returncode == 0, result.stderr
-    assert "no torchvision reference" in result.stdout
-    assert "output (1, 10) and 1,019,722 parameters as inferred: ok" in result.stdout
+    line = result.stdout.strip()
+    assert "; no torchvision reference (torchvision's DenseNet cannot express densenet40_k12: it lacks" in line
+    (name, (_, rel)), *_ = errors(line).items()
+    assert name == "the interpreter (float64, -O0 IR)" and 0 < rel <= 1e-5 and line.endswith(": ok")
+
+
+@pytest.mark.parametrize("target", ["torch", "onnx"])
+def test_a_sabotaged_emitter_fails_verify_for_a_spec_torchvision_cannot_express(monkeypatch, target):
+    """An emitter writing GELU (torch) or ELU (ONNX) where the IR says ReLU: only a numerical check against an
+    independent reference sees it (the output shape and the parameter count are unchanged). Both emitters read
+    an op's form from the op table; the interpreter has its own code, so the sabotage does not reach it."""
+    import dataclasses
+
+    from dnc.ir.graph import OpKind
+    from dnc.ir.ops import OPS, Module, OnnxNode, TorchForm
+
+    relu = OPS[OpKind.RELU]
+    if target == "torch":
+        sabotaged = TorchForm(lambda a, ctx: (Module(ctx.name, "nn.GELU"),), fresh=False)
+        monkeypatch.setitem(OPS, OpKind.RELU, dataclasses.replace(relu, torch=sabotaged))
+        _, graph = build("specs/densenet_bc100_k12.yaml")
+        assert "nn.GELU()" in TARGETS["torch"].emit(graph, {}).decode()  # the sabotage took
+    else:
+        elu = lambda a, ins, out, name, opset: [OnnxNode("Elu", tuple(ins), (out,), name)]  # noqa: E731
+        monkeypatch.setitem(OPS, OpKind.RELU, dataclasses.replace(relu, onnx=elu))
+    result = dnc_cli("verify", "specs/densenet_bc100_k12.yaml", "--batch", "1", "--target", target)
+    assert result.returncode == 1, result.stderr
+    line = result.stdout.strip()
+    assert line.startswith("specs/densenet_bc100_k12.yaml")
+    assert "seeded weights (seed 0), input (1, 3, 32, 32) on cpu:" in line
+    assert line.endswith(": MISMATCH (tolerance 1e-05)")
+    assert errors(line)["the interpreter (float64, -O0 IR)"][1] > 1e-3
 
 
 def test_verify_onnx_against_torchvision_with_a_checkpoint(small, tmp_path):
@@ -98,15 +138,9 @@ def test_verify_onnx_against_torchvision_with_a_checkpoint(small, tmp_path):
     result = dnc_cli("verify", small, "--target", "onnx", "--weights", ckpt, "--batch", "3")
     assert result.returncode == 0, result.stderr
     line = result.stdout.strip()
-    assert line.startswith(f"{small} (onnx, onnxruntime): vs torchvision, weights {ckpt}, input (3, 3, 64, 64) on cpu")
-    assert float(re.search(r"max rel error ([^:]+):", line).group(1)) <= 1e-5 and line.endswith(": ok")
-
-
-def test_verify_onnx_without_torchvision_compares_with_the_generated_model():
-    result = dnc_cli("verify", "specs/densenet40_k12.yaml", "--target", "onnx", "--batch", "2")
-    assert result.returncode == 0, result.stderr
-    assert "(onnx, onnxruntime): vs the generated PyTorch model (torchvision's DenseNet cannot express" in result.stdout
-    assert float(re.search(r"max rel error ([^:]+):", result.stdout).group(1)) <= 1e-5
+    assert line.startswith(f"{small} (onnx, onnxruntime): weights {ckpt}, input (3, 3, 64, 64) on cpu: vs the")
+    assert max(rel for _, rel in errors(line).values()) <= 1e-5 and line.endswith(": ok")
+    assert len(errors(line)) == 2
 
 
 def test_verify_unknown_target(small):
@@ -138,7 +172,6 @@ def test_verify_mismatch_exits_1(small, monkeypatch, tmp_path):
     """A generated model that computes something else fails verification with exit 1."""
     import dnc.check.verify
     import dnc.targets.torch.run
-    from dnc.targets import TARGETS
 
     _, graph = build(small)
     module = dnc.targets.torch.run.load_generated(graph)
@@ -152,3 +185,20 @@ def test_verify_mismatch_exits_1(small, monkeypatch, tmp_path):
     outcome = dnc.check.verify.verify(spec, graph, "small", target=TARGETS["torch"])
     assert not outcome.ok
     assert "MISMATCH" in outcome.line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--batch", "10000000000"], ["--set", "input.size=[4096,4096]", "--set", "stem.width=512", "--batch", "1"]],
+    ids=["huge batch", "huge input"],
+)
+def test_verify_refuses_what_would_not_fit_before_allocating(args):
+    import time
+
+    start = time.perf_counter()
+    result = dnc_cli("verify", "specs/densenet121.yaml", *args)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "GiB of activations (dnc verify runs its reference in float64), over the activations limit of 64.0" in (
+        result.stderr
+    )
+    assert result.stderr.count("\n") == 1 and time.perf_counter() - start < 10

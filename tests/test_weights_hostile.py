@@ -21,7 +21,7 @@ from dnc.ir.ops import Init, Tensor
 from dnc.pipeline import build
 from dnc.weights import read_checkpoint, seeded_state
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", exc_type=ImportError)  # no torch: skip the module
 
 LAYOUT = {
     "a.weight": Tensor("weight", (4, 3), Init.HE_NORMAL, True),

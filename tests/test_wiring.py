@@ -15,9 +15,10 @@ from conftest import ROOT, import_file
 
 from dnc.errors import EmitError
 from dnc.frontend.loader import load_spec
-from dnc.ir.graph import node, verify
+from dnc.ir.graph import node
 from dnc.ir.infer import infer, state_dict_layout
 from dnc.ir.lower import lower
+from dnc.ir.verifier import verify
 from dnc.reports.pictures import picture
 from dnc.targets.torch import emit as emit_torch
 from dnc.weights import seeded_state

@@ -1,11 +1,13 @@
-"""`dnc verify`: run what `dnc compile` emits and compare it with torchvision.
+"""`dnc verify`: run what `dnc compile` emits and compare it with the IR interpreter, and with torchvision.
 
-The generated source is imported from a temporary file, exactly as compiled, given
-the same weights as torchvision's DenseNet of the same configuration (a checkpoint
-or seeded ones), and both run in eval mode on the same seeded input. Where
-torchvision cannot express the spec, the generated model still runs, and its output
-shape and parameter count are checked against static inference. `--target onnx`
-runs the emitted ONNX model on onnxruntime instead. Imports torch.
+The reference for every spec is the interpreter (dnc/ir/interpret.py) run in float64 on
+the spec's -O0 IR: it evaluates the IR from the op table alone, sharing no code with the
+emitters, and on the -O0 IR, since a wrong pass would agree with itself on the IR it
+rewrote. The target runs at the level asked for (its runner in dnc/targets/*/run.py),
+with the same weights (a checkpoint or seeded ones) and the same seeded input, in eval
+mode. Where torchvision's DenseNet can express the spec it runs too, as a second,
+outside reference. A spec passes when its output is finite and within `TOLERANCE` of
+each reference, relative to that reference's largest output. Imports torch.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import torch
 from dnc.check.reference import torchvision_densenet
 from dnc.errors import DncError
 from dnc.frontend.spec import Spec
-from dnc.ir.graph import graph_input, ordered, output
+from dnc.ir.graph import graph_input
 from dnc.ir.infer import state_dict_layout
+from dnc.ir.interpret import interpret
+from dnc.ir.limits import Limits, check_activations
+from dnc.pipeline import compile_spec
 from dnc.targets import Target
-from dnc.targets.torch.run import generated_model
 from dnc.weights import network_state, to_torch
 
 TOLERANCE = 1e-5
@@ -53,42 +57,54 @@ def verify(
     seed: int = 0,
     batch: int = 2,
     tolerance: float = TOLERANCE,
+    limits: Limits | None = None,
 ) -> Outcome:
-    """Verify one compiled spec for `target` (torch or onnx); `label` names it in the result line.
+    """Verify `graph`, the spec compiled for `target` (torch or onnx) at some level; `label` names it in the line.
 
-    The reference is torchvision's DenseNet. Where torchvision cannot express the
-    spec, an ONNX model is compared with the generated PyTorch model (itself checked
-    against inference), and a PyTorch model is checked against inference alone.
+    The interpreter runs the spec's -O0 IR in float64; torchvision's DenseNet runs too where it
+    can express the spec.
     """
     dev = check_device(device)
-    state = network_state(state_dict_layout(graph), weights, seed)
+    check_activations(spec, batch, 8, limits or Limits(), what="dnc verify runs its reference in float64")
+    reference_ir = compile_spec(spec, graph.graph.get("source", ""))
+    state = network_state(state_dict_layout(reference_ir), weights, seed)
     how = f"seeded weights (seed {seed})" if weights is None else f"weights {weights}"
     tensors = to_torch(state)
-    generated = generated_model(graph, tensors, dev)
     shape = (batch, *graph_input(graph).shape)
     x = torch.from_numpy(np.random.default_rng(seed).standard_normal(shape).astype(np.float32)).to(dev)
     try:
-        reference, against = torchvision_densenet(spec), "torchvision"
-        reference.load_state_dict(tensors, strict=True)
-        reference.to(dev).eval()
+        torchvision, why = torchvision_densenet(spec), ""
+        torchvision.load_state_dict(tensors, strict=True)
+        torchvision.to(dev).eval()
     except DncError as err:
-        reference, why = None, err.message
-        if target.name != "torch":
-            reference, against = generated, f"the generated PyTorch model ({why})"
+        torchvision, why = None, err.message
     with _full_float32(), torch.no_grad():
         out = torch.from_numpy(np.asarray(target.run(graph, state, x, device))).to(dev)
-        ref = reference(x) if reference is not None else None
-    where = f"{how}, input {tuple(shape)} on {dev.type}"
+        references = [("the interpreter (float64, -O0 IR)", interpret(reference_ir, tensors, x.double()).output)]
+        if torchvision is not None:
+            references.append(("torchvision", torchvision(x)))
+    parts, ok = [], bool(torch.isfinite(out).all())
+    for name, ref in references:
+        if out.shape != ref.shape:
+            ok = False
+            parts.append(f"vs {name}: output {tuple(out.shape)}, expected {tuple(ref.shape)}")
+            continue
+        abs_err, rel_err = _errors(out, ref)
+        ok = ok and rel_err <= tolerance
+        parts.append(f"vs {name}: max abs error {abs_err:.3g}, max rel error {rel_err:.3g}")
+    if torchvision is None:
+        parts.append(f"no torchvision reference ({why})")
+    verdict = "ok" if ok else f"MISMATCH (tolerance {tolerance:g})"
     if target.name == "onnx":
         label = f"{label} (onnx, onnxruntime)"
-    if ref is None:
-        return _check_inference(generated, out, graph, batch, f"{label}: no torchvision reference ({why}); {where}")
-    abs_err = (out - ref).abs().max().item()
-    rel_err = abs_err / max(ref.abs().max().item(), torch.finfo(torch.float32).tiny)
-    ok = rel_err <= tolerance and bool(torch.isfinite(out).all())
-    verdict = "ok" if ok else f"MISMATCH (tolerance {tolerance:g})"
-    line = f"{label}: vs {against}, {where}: max abs error {abs_err:.3g}, max rel error {rel_err:.3g}: {verdict}"
+    line = f"{label}: {how}, input {tuple(shape)} on {dev.type}: {'; '.join(parts)}: {verdict}"
     return Outcome(ok, line)
+
+
+def _errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """The largest absolute error, and that error relative to the largest reference output; in float64."""
+    abs_err = (out.double() - ref.double()).abs().max().item()
+    return abs_err, abs_err / max(ref.double().abs().max().item(), torch.finfo(torch.float32).tiny)
 
 
 @contextlib.contextmanager
@@ -100,19 +116,3 @@ def _full_float32():
         yield
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
-
-
-def _check_inference(model: torch.nn.Module, out: torch.Tensor, graph: nx.DiGraph, batch: int, head: str) -> Outcome:
-    want_shape = (batch, *output(graph).shape)
-    want_params = sum(n.params for n in ordered(graph))
-    params = sum(p.numel() for p in model.parameters())
-    problems = []
-    if tuple(out.shape) != want_shape:
-        problems.append(f"output {tuple(out.shape)}, inference says {want_shape}")
-    if params != want_params:
-        problems.append(f"{params:,} parameters, inference says {want_params:,}")
-    if not torch.isfinite(out).all():
-        problems.append("non-finite outputs")
-    if problems:
-        return Outcome(False, f"{head}: " + "; ".join(problems) + ": MISMATCH")
-    return Outcome(True, f"{head}: output {want_shape} and {params:,} parameters as inferred: ok")

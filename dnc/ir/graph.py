@@ -229,77 +229,8 @@ def takes_pre(n: Node) -> bool:
     return n.op is OpKind.LINEAR or (conv is not None and conv.padding == 0)
 
 
-def pre_clamp(graph: nx.DiGraph, n: Node) -> Node | None:
-    """The BN_CLAMP node whose batch norm `n` applies to its input first (ConvAttrs.pre), or None."""
-    pre = n.attrs.pre if n.op in (OpKind.CONV, OpKind.CONV_BN, OpKind.LINEAR) else ()
-    if not pre:
-        return None
-    scope = ".".join((*n.path[:-1], *pre))
-    if scope not in graph:
-        raise IRError(f"{n.scope}: pre {pre} names no node ({scope})")
-    return node(graph, scope)
-
-
-def _check_pre(graph: nx.DiGraph, n: Node, claimed: set[str]) -> None:
-    """A `pre` reference: a BN_CLAMP reaching `n` along sole consumers through affine-commuting ops only."""
-    clamp = pre_clamp(graph, n)
-    if clamp is None:
-        return
-    if clamp.op is not OpKind.BN_CLAMP or clamp.scope in claimed:
-        raise IRError(f"{n.scope}: pre {clamp.scope} is a {clamp.op.value} or another op's pre already")
-    claimed.add(clamp.scope)
-    if not takes_pre(n):
-        raise IRError(f"{n.scope}: pads its input, so it cannot apply the batch norm of its pre {clamp.scope}")
-    at = clamp
-    while at.scope != n.scope:
-        succ = list(graph.succ[at.scope])
-        if len(succ) != 1 or (at is not clamp and not commutes_with_affine(at)):
-            raise IRError(f"{n.scope}: {at.scope} lies between it and its pre {clamp.scope}")
-        at = node(graph, succ[0])
-    features = input_nodes(graph, n)[0].shape
-    if clamp.shape is not None and features is not None and features[0] != clamp.shape[0]:
-        raise IRError(f"{n.scope}: reads {features[0]} features, its pre {clamp.scope} has {clamp.shape[0]}")
-
-
 def replace_node(graph: nx.DiGraph, new: Node) -> None:
     graph.nodes[new.scope]["node"] = new
-
-
-def verify(graph: nx.DiGraph, *, inferred: bool = False) -> None:
-    """Check the IR's invariants; raise IRError naming the node that breaks one."""
-    orders = set()
-    for scope in graph:
-        n = graph.nodes[scope].get("node")
-        if not isinstance(n, Node):
-            raise IRError(f"{scope}: no Node record")
-        if n.scope != scope:
-            raise IRError(f"{scope}: node id differs from its path {n.scope!r}")
-        if not isinstance(n.op, OpKind) or not isinstance(n.attrs, OPS[n.op].attrs):
-            raise IRError(f"{scope}: {n.op} carries {type(n.attrs).__name__}")
-        if not isinstance(n.unit, Unit) or (n.op is OpKind.INPUT) != (n.unit.kind is UnitKind.INPUT):
-            raise IRError(f"{scope}: {n.op} node in unit {n.unit!r}")
-        ports = sorted(edge["port"] for edge in graph.pred[scope].values())
-        arity = OPS[n.op].arity
-        if (arity is None and not ports) or (arity is not None and len(ports) != arity):
-            raise IRError(f"{scope}: {n.op.value} takes {arity or 'one or more'} inputs, has {len(ports)}")
-        if ports != list(range(len(ports))):
-            raise IRError(f"{scope}: input ports {ports} are not 0..n-1")
-        if n.order in orders:
-            raise IRError(f"{scope}: order {n.order} is not unique")
-        for src in graph.predecessors(scope):  # creation order must be a topological order
-            if graph.nodes[src]["node"].order >= n.order:
-                raise IRError(f"{scope}: input {src} does not come before it (order {n.order})")
-        orders.add(n.order)
-        if inferred and (n.shape is None or n.tensors is None or n.params is None or n.macs is None):
-            raise IRError(f"{scope}: shape, tensors, params or MACs not inferred")
-    claimed: set[str] = set()
-    for scope in graph:
-        _check_pre(graph, node(graph, scope), claimed)
-    orphans = sorted(s for s in graph if node(graph, s).op is OpKind.BN_CLAMP and s not in claimed)
-    if orphans:
-        raise IRError(f"{orphans[0]}: a bn_clamp that no conv or linear takes as its pre")
-    graph_input(graph)
-    output(graph)
 
 
 class Builder:

@@ -1,8 +1,11 @@
 """Infer stage: IR -> IR with each node's output shape, state_dict tensors, parameter count and MACs.
 
-Every rule comes from the op table (ops.OPS). Sizes follow PyTorch's floor rule for
-convolutions and pools; a tensor with no channels or a map that would shrink to
-nothing is an error naming the stage and the network input size.
+Every rule comes from the op table (ops.OPS), applied by `verifier.derive`, which the
+verifier re-derives with. Sizes follow PyTorch's floor rule for convolutions and
+pools; a tensor with no channels or a map that would shrink to nothing is a
+ShapeError naming the stage and the network input size. A malformed IR (a missing
+edge, a wrong arity, an input created after its reader) is an IRError naming the
+node, found by `verifier.check_structure` before any rule runs.
 """
 
 from __future__ import annotations
@@ -11,37 +14,36 @@ import networkx as nx
 
 from dnc.errors import ShapeError
 from dnc.ir.graph import Node, Shape, Tensor, copy, graph_input, input_nodes, ordered, replace_node
-from dnc.ir.ops import OPS, RuleError, param_count
+from dnc.ir.ops import RuleError
+from dnc.ir.verifier import check_structure, derive
 
 
 def infer(graph: nx.DiGraph) -> nx.DiGraph:
     """Return a copy of `graph` with every node's shape, tensors, params and MACs filled in."""
-    return infer_in_place(copy(graph))
+    check_structure(graph)  # creation order is then a topological order: inputs are inferred first
+    return infer_in_place(copy(graph), every_node=True)
 
 
-def infer_in_place(graph: nx.DiGraph) -> nx.DiGraph:
+def infer_in_place(graph: nx.DiGraph, every_node: bool = False) -> nx.DiGraph:
     """`infer` on a graph the caller owns (a pass, on the copy it rewrote): fills it in and returns it.
 
-    A node that is already inferred, and none of whose inputs changed shape in this sweep, is kept as it is: a
-    pass clears what it changes (passes._rewrite), so only those nodes and what they feed are computed again.
+    Unless `every_node`, a node that is already inferred, and none of whose inputs changed shape in this sweep,
+    is kept as it is: a pass clears what it changes (passes._rewrite), so only those nodes and what they feed are
+    computed again (the verifier re-derives every node after every pass all the same).
     """
     changed: set[str] = set()
     for n in ordered(graph):
-        if n.shape is not None and n.tensors is not None and not changed.intersection(graph.pred[n.scope]):
+        kept = n.shape is not None and n.tensors is not None and not changed.intersection(graph.pred[n.scope])
+        if kept and not every_node:
             continue
-        opdef = OPS.get(n.op)
-        if opdef is None:
-            raise ShapeError(f"no shape rule for op '{n.op}' (node {n.scope})", n.origin)
         shapes = [src.shape for src in input_nodes(graph, n)]
         try:
-            shape = opdef.shape(n.attrs, shapes)
+            d = derive(n, shapes)
         except RuleError as err:
             raise _fail(graph, n, shapes, str(err)) from None
-        tensors = tuple(opdef.tensors(n.attrs, shapes))
-        macs = opdef.macs(n.attrs, shapes, shape)
-        if shape != n.shape:
+        if d.shape != n.shape:
             changed.add(n.scope)
-        replace_node(graph, n.replace(shape=shape, tensors=tensors, params=param_count(tensors), macs=macs))
+        replace_node(graph, n.replace(shape=d.shape, tensors=d.tensors, params=d.params, macs=d.macs))
     return graph
 
 
