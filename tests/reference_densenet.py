@@ -12,6 +12,8 @@ the block input and every earlier layer's output and adds `growth` channels:
   stem_type="deep") three Conv(3x3)-BN-ReLU, the first with stride 2, then MaxPool(3x3/2)
 - dropout: "conv3x3" after each dense layer's 3x3 conv (torchvision); "every_conv" after every
   conv but the first one, transitions included (the paper's Section 4.2)
+- activation: ReLU in the paper; SiLU, GELU (exact) or Mish in its place (timm's act_layer), for the
+  whole network or per block (that block's layers and the transition after it)
 
 Plain Python arguments, no spec, no IR: this file imports nothing from dnc. Modules
 carry torchvision's names (features.conv0, features.denseblock1.denselayer1.norm1,
@@ -38,6 +40,10 @@ class BlockArgs:
     bn_size: int | None = 4  # None: plain layers, no bottleneck
     drop: float = 0.0
     compression: float = 0.5
+    activation: str = "relu"
+
+
+ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU, "mish": nn.Mish}
 
 
 def compressed(channels: int, theta: float) -> int:
@@ -50,16 +56,18 @@ def _conv(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Conv2d:
 
 
 class Layer(nn.Module):
-    def __init__(self, cin: int, growth: int, bn_size: int | None, drop: float, every_conv: bool) -> None:
+    def __init__(
+        self, cin: int, growth: int, bn_size: int | None, drop: float, every_conv: bool, act: str = "relu"
+    ) -> None:
         super().__init__()
         self.bottleneck = bn_size is not None
         width = bn_size * growth if self.bottleneck else cin
         self.norm1 = nn.BatchNorm2d(cin)
-        self.relu1 = nn.ReLU()
+        self.relu1 = ACTIVATIONS[act]()
         self.conv1 = _conv(cin, width, 1) if self.bottleneck else _conv(cin, growth, 3)
         if self.bottleneck:
             self.norm2 = nn.BatchNorm2d(width)
-            self.relu2 = nn.ReLU()
+            self.relu2 = ACTIVATIONS[act]()
             self.conv2 = _conv(width, growth, 3)
         self.drop_mid = drop if (every_conv and self.bottleneck) else 0.0
         self.drop_out = drop
@@ -78,7 +86,7 @@ class Block(nn.Module):
     def __init__(self, cin: int, args: BlockArgs, every_conv: bool) -> None:
         super().__init__()
         for i in range(args.layers):
-            layer = Layer(cin + i * args.growth, args.growth, args.bn_size, args.drop, every_conv)
+            layer = Layer(cin + i * args.growth, args.growth, args.bn_size, args.drop, every_conv, args.activation)
             self.add_module(f"denselayer{i + 1}", layer)
         self.out_channels = cin + args.layers * args.growth
 
@@ -90,10 +98,10 @@ class Block(nn.Module):
 
 
 class Transition(nn.Module):
-    def __init__(self, cin: int, cout: int, drop: float) -> None:
+    def __init__(self, cin: int, cout: int, drop: float, act: str = "relu") -> None:
         super().__init__()
         self.norm = nn.BatchNorm2d(cin)
-        self.relu = nn.ReLU()
+        self.relu = ACTIVATIONS[act]()
         self.conv = _conv(cin, cout, 1)
         self.pool = nn.AvgPool2d(2, 2)
         self.drop = drop
@@ -105,7 +113,7 @@ class Transition(nn.Module):
         return self.pool(x)
 
 
-def _stem(kind: str, cin: int, width: int, mid_width: int | None) -> list[tuple[str, nn.Module]]:
+def _stem(kind: str, cin: int, width: int, mid_width: int | None, act: str) -> list[tuple[str, nn.Module]]:
     if kind == "cifar":
         return [("conv0", _conv(cin, width, 3))]
     if kind == "imagenet":
@@ -117,7 +125,11 @@ def _stem(kind: str, cin: int, width: int, mid_width: int | None) -> list[tuple[
         raise ValueError(f"unknown stem {kind!r}")
     out = []
     for i, (a, b, kernel, stride) in enumerate(convs):
-        out += [(f"conv{i}", _conv(a, b, kernel, stride)), (f"norm{i}", nn.BatchNorm2d(b)), (f"relu{i}", nn.ReLU())]
+        out += [
+            (f"conv{i}", _conv(a, b, kernel, stride)),
+            (f"norm{i}", nn.BatchNorm2d(b)),
+            (f"relu{i}", ACTIVATIONS[act]()),
+        ]
     return [*out, ("pool0", nn.MaxPool2d(3, 2, padding=1))]
 
 
@@ -134,11 +146,12 @@ class DenseNet(nn.Module):
         classes: int = 1000,
         in_channels: int = 3,
         dropout_at: str = "conv3x3",
+        activation: str = "relu",
     ) -> None:
         super().__init__()
         assert dropout_at in ("conv3x3", "every_conv"), dropout_at
         every_conv = dropout_at == "every_conv"
-        modules = _stem(stem, in_channels, width, mid_width)
+        modules = _stem(stem, in_channels, width, mid_width, activation)
         channels = width
         for i, args in enumerate(blocks, start=1):
             block = Block(channels, args, every_conv)
@@ -146,9 +159,10 @@ class DenseNet(nn.Module):
             channels = block.out_channels
             if i < len(blocks):
                 out = compressed(channels, args.compression)
-                modules.append((f"transition{i}", Transition(channels, out, args.drop if every_conv else 0.0)))
+                drop = args.drop if every_conv else 0.0
+                modules.append((f"transition{i}", Transition(channels, out, drop, args.activation)))
                 channels = out
-        modules += [("norm5", nn.BatchNorm2d(channels)), ("relu5", nn.ReLU())]
+        modules += [("norm5", nn.BatchNorm2d(channels)), ("relu5", ACTIVATIONS[activation]())]
         self.features = nn.Sequential(OrderedDict(modules))
         self.classifier = nn.Linear(channels, classes)
 

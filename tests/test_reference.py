@@ -107,6 +107,21 @@ EXTRA = {
         {**CIFAR, "width": 16, "in_channels": 1, "blocks": [BlockArgs(3, 12), BlockArgs(3, 12)]},
         (1, 28, 28),
     ),
+    "activations": (  # SiLU for the network, GELU and Mish for two blocks (their layers and transitions)
+        "input: {size: [40, 40]}\nstem: {width: 16}\ngrowth_rate: 8\nbn_size: 2\nactivation: silu\n"
+        "blocks: [{layers: 2, activation: gelu}, {layers: 2, activation: mish}, 2]\nhead: {classes: 5}\n",
+        {
+            "width": 16,
+            "classes": 5,
+            "activation": "silu",
+            "blocks": [
+                BlockArgs(2, 8, 2, activation="gelu"),
+                BlockArgs(2, 8, 2, activation="mish"),
+                BlockArgs(2, 8, 2, activation="silu"),
+            ],
+        },
+        (3, 40, 40),
+    ),
     "non_square": (  # odd sizes: every pool floors
         "input: {channels: 4, size: [45, 71]}\nstem: {width: 16}\ngrowth_rate: 8\nbn_size: 2\n"
         "blocks: [2, 2, 1]\nhead: {classes: 6}\n",
@@ -209,7 +224,9 @@ def train_step(model, x):
     return out.detach(), x.grad, {name: p.grad for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("name", ["deep_stem", "plain_and_bottleneck", "non_square", "per_block", "every_conv_dropout"])
+@pytest.mark.parametrize(
+    "name", ["deep_stem", "plain_and_bottleneck", "non_square", "per_block", "every_conv_dropout", "activations"]
+)
 def test_train_mode_outputs_gradients_and_statistics_match(name, tmp_path):
     """Batch statistics, backward, running statistics; with dropout, the same masks at the same places."""
     pair = Pair(name, tmp_path)
@@ -234,7 +251,7 @@ def test_dropout_changes_train_outputs_only(tmp_path):
         assert torch.equal(model.eval()(x), model(x))
 
 
-@pytest.mark.parametrize("name", ["densenet40_k12", "per_block"])
+@pytest.mark.parametrize("name", ["densenet40_k12", "per_block", "activations"])
 def test_onnx_model_matches_the_reference(name, tmp_path):
     """`dnc compile --target onnx -O0 --seed 0` on onnxruntime, its own initializers loaded into the reference.
 

@@ -80,6 +80,10 @@ class _Strict(BaseModel):
 # deep:     three 3x3 convs (the first stride 2), each + BN + ReLU, + max pool (timm's "deep")
 StemKind = Literal["imagenet", "cifar", "deep"]
 
+# relu: max(x, 0) (torchvision); silu: x * sigmoid(x); gelu: x * Phi(x), exact (erf); mish: x * tanh(softplus(x))
+# (timm's act_layer): the activation after every batch norm
+Activation = Literal["relu", "silu", "gelu", "mish"]
+
 # conv3x3:    after each dense layer's 3x3 conv only (torchvision)
 # every_conv: after every conv, transitions included (the paper's Lua code)
 DropoutAt = Literal["conv3x3", "every_conv"]
@@ -121,6 +125,9 @@ class Block(_Strict):
     compression: Annotated[Theta, Field(description="Override of compression for the transition after this block.")] = (
         None
     )
+    activation: Annotated[
+        Activation, Field(description="Override of activation, for this block's layers and the transition after it.")
+    ] = None
 
 
 class Head(_Strict):
@@ -152,6 +159,7 @@ class Spec(_Strict):
     ] = 0.5
     drop_rate: Annotated[float, Field(ge=0, lt=1, description="Dropout probability (train mode only).")] = 0.0
     dropout_at: Annotated[DropoutAt, Field(description="Where dropout goes when drop_rate > 0.")] = "conv3x3"
+    activation: Annotated[Activation, Field(description="The activation after every batch norm.")] = "relu"
     blocks: Annotated[list[Block], Field(min_length=1, description="Dense blocks, in order.")]
     head: Head = Head()
     memory_efficient: Annotated[
@@ -186,6 +194,7 @@ class Spec(_Strict):
                     bn_size=b.bn_size if "bn_size" in given else self.bn_size,
                     drop_rate=b.drop_rate if "drop_rate" in given else self.drop_rate,
                     compression=b.compression if "compression" in given else self.compression,
+                    activation=b.activation if "activation" in given else self.activation,
                 )
             )
         return out
@@ -197,3 +206,4 @@ class ResolvedBlock(_Strict):
     bn_size: int | None
     drop_rate: float
     compression: Theta
+    activation: Activation

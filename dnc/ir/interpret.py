@@ -29,6 +29,7 @@ The only module of dnc.ir that imports torch; nothing imports it at package impo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -211,6 +212,10 @@ _RULES: dict[OpKind, Callable[[_Run, Node, list[Tensor]], Tensor]] = {
     OpKind.CONV: _one(_conv),
     OpKind.BATCHNORM: _one(_batchnorm),
     OpKind.RELU: _one(lambda run, n, x: _relu(x)),
+    OpKind.SILU: _one(lambda run, n, x: x * torch.sigmoid(x)),
+    OpKind.GELU: _one(lambda run, n, x: 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))),
+    # softplus(x) = log(1 + e^x), written so that e^x never overflows: max(x, 0) + log1p(e^-|x|)
+    OpKind.MISH: _one(lambda run, n, x: x * torch.tanh(x.clamp_min(0) + torch.log1p(torch.exp(-x.abs())))),
     OpKind.MAXPOOL: _pool(F.max_pool2d),
     OpKind.AVGPOOL: _pool(F.avg_pool2d),  # zero padding counts in the mean, as in nn.AvgPool2d
     OpKind.CONCAT: lambda run, n, args: torch.cat(args, 1),

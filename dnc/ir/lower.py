@@ -79,11 +79,16 @@ def _add(b: Builder, at: tuple[str, ...], chain: list[Step], unit: Unit, x: str,
     return x
 
 
-def _conv_unit(suffix: str, conv: ConvAttrs) -> list[Step]:
-    """BN -> ReLU -> conv, torchvision's pre-activation order."""
+def _act(suffix: str, activation: str, at: tuple[str, ...] = ()) -> Step:
+    """The activation after a batch norm: `relu<suffix>` as torchvision names it, `act<suffix>` (timm's) otherwise."""
+    return ((*at, f"{'relu' if activation == 'relu' else 'act'}{suffix}"), OpKind(activation), NoAttrs())
+
+
+def _conv_unit(suffix: str, conv: ConvAttrs, activation: str) -> list[Step]:
+    """BN -> activation -> conv, torchvision's pre-activation order."""
     return [
         ((f"norm{suffix}",), OpKind.BATCHNORM, BatchNormAttrs()),
-        ((f"relu{suffix}",), OpKind.RELU, NoAttrs()),
+        _act(suffix, activation),
         ((f"conv{suffix}",), OpKind.CONV, conv),
     ]
 
@@ -106,27 +111,28 @@ def stem_chain(spec: Spec) -> list[Step]:
     for i, (out, kernel, stride, padding) in enumerate(convs):
         chain.append(((f"conv{i}",), OpKind.CONV, ConvAttrs(out, kernel, stride, padding)))
         chain.append(((f"norm{i}",), OpKind.BATCHNORM, BatchNormAttrs()))
-        chain.append(((f"relu{i}",), OpKind.RELU, NoAttrs()))
+        chain.append(_act(str(i), spec.activation))
     return [*chain, (("pool0",), OpKind.MAXPOOL, PoolAttrs(3, 2, 1))]
 
 
 def layer_chain(block: ResolvedBlock, every_conv: bool) -> list[Step]:
     """A dense layer after the concatenation of its block's features, below the layer's module."""
     k = block.growth_rate
+    act = block.activation
     if block.bn_size is None:  # plain DenseNet layer: BN-ReLU-Conv(3x3)
-        return _conv_unit("1", ConvAttrs(k, 3, 1, 1)) + _dropout("drop1", block.drop_rate)
+        return _conv_unit("1", ConvAttrs(k, 3, 1, 1), act) + _dropout("drop1", block.drop_rate)
     # DenseNet-B layer: BN-ReLU-Conv(1x1, bn_size*k)-BN-ReLU-Conv(3x3, k)
-    chain = _conv_unit("1", ConvAttrs(block.bn_size * k, 1))
+    chain = _conv_unit("1", ConvAttrs(block.bn_size * k, 1), act)
     if every_conv:
         chain += _dropout("drop1", block.drop_rate)
-    return chain + _conv_unit("2", ConvAttrs(k, 3, 1, 1)) + _dropout("drop2", block.drop_rate)
+    return chain + _conv_unit("2", ConvAttrs(k, 3, 1, 1), act) + _dropout("drop2", block.drop_rate)
 
 
 def transition_chain(block: ResolvedBlock, out: int, every_conv: bool) -> list[Step]:
     """The transition after `block`, compressing to `out` channels, below the transition's module."""
     chain = [
         (("norm",), OpKind.BATCHNORM, BatchNormAttrs()),
-        (("relu",), OpKind.RELU, NoAttrs()),
+        _act("", block.activation),
         (("conv",), OpKind.CONV, ConvAttrs(out, 1)),
     ]
     if every_conv:
@@ -138,7 +144,7 @@ def head_chain(spec: Spec) -> list[Step]:
     """The head, from the network's root (its last batch norm and ReLU are in `features`)."""
     return [
         ((FEATURES, "norm5"), OpKind.BATCHNORM, BatchNormAttrs()),
-        ((FEATURES, "relu5"), OpKind.RELU, NoAttrs()),
+        _act("5", spec.activation, (FEATURES,)),
         (("avgpool",), OpKind.GLOBAL_AVGPOOL, NoAttrs()),
         (("flatten",), OpKind.FLATTEN, NoAttrs()),
         (("classifier",), OpKind.LINEAR, LinearAttrs(spec.head.classes)),

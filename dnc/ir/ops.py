@@ -40,6 +40,9 @@ class OpKind(StrEnum):
     CONV = "conv"
     BATCHNORM = "batchnorm"
     RELU = "relu"
+    SILU = "silu"  # x * sigmoid(x)
+    GELU = "gelu"  # x * Phi(x), the exact (erf) form
+    MISH = "mish"  # x * tanh(softplus(x))
     MAXPOOL = "maxpool"
     AVGPOOL = "avgpool"
     CONCAT = "concat"
@@ -496,6 +499,66 @@ def _bn_relu_onnx(a: BatchNormAttrs, ins: list[str], out: str, name: str, opset:
     return _bn_onnx(a, ins, f"{name}/bn", name, opset) + [OnnxNode("Relu", (f"{name}/bn",), (out,), f"{name}/relu")]
 
 
+def _onnx_chain(*steps: tuple[str, tuple, tuple]) -> OnnxForm:
+    """An activation as several ONNX nodes: (op, inputs, attributes) with "x" the input, "c" a float constant and
+    "<i>" the output of step i; the last step's output is the op's."""
+
+    def nodes(a: Attrs, ins: list[str], out: str, name: str, opset: int) -> list[OnnxNode]:
+        made = []
+        for i, (op_type, args, attrs) in enumerate(steps):
+            result = out if i == len(steps) - 1 else f"{name}/{i}"
+            names = []
+            for j, arg in enumerate(args):
+                if isinstance(arg, float):  # a scalar constant, a node of its own
+                    made.append(
+                        OnnxNode("Constant", (), (f"{name}/{i}c{j}",), f"{name}/{i}c{j}", (("value_float", arg),))
+                    )
+                    names.append(f"{name}/{i}c{j}")
+                else:
+                    names.append(ins[0] if arg == "x" else f"{name}/{arg}")
+            made.append(OnnxNode(op_type, tuple(names), (result,), f"{name}/{op_type.lower()}{i}", attrs))
+        return made
+
+    return nodes
+
+
+_SILU_ONNX = _onnx_chain(("Sigmoid", ("x",), ()), ("Mul", ("x", "0"), ()))  # every opset: no SiLU op
+
+
+def _gelu_onnx(a: Attrs, ins: list[str], out: str, name: str, opset: int) -> list[OnnxNode]:
+    if opset >= 20:  # the Gelu op, exact (approximate="none") by default
+        return [OnnxNode("Gelu", tuple(ins), (out,), name)]
+    # x * Phi(x) = 0.5 * x * (1 + erf(x / sqrt(2)))
+    return _onnx_chain(
+        ("Div", ("x", math.sqrt(2.0)), ()),
+        ("Erf", ("0",), ()),
+        ("Add", ("1", 1.0), ()),
+        ("Mul", ("x", "2"), ()),
+        ("Mul", ("3", 0.5), ()),
+    )(a, ins, out, name, opset)
+
+
+def _mish_onnx(a: Attrs, ins: list[str], out: str, name: str, opset: int) -> list[OnnxNode]:
+    if opset >= 18:
+        return [OnnxNode("Mish", tuple(ins), (out,), name)]
+    chain = _onnx_chain(("Softplus", ("x",), ()), ("Tanh", ("0",), ()), ("Mul", ("x", "1"), ()))
+    return chain(a, ins, out, name, opset)
+
+
+def _activation(word: str, cls: str, onnx: OnnxForm) -> OpDef:
+    """An activation other than ReLU: it keeps its input for backward; no pass fuses it (the fusions built for ReLU
+    are exact for ReLU only)."""
+    return OpDef(
+        NoAttrs,
+        1,
+        _same,
+        saves=lambda a: _INPUT,
+        words=lambda a, out: word,
+        torch=TorchForm(lambda a, ctx: (Module(ctx.name, cls),), fresh=True),
+        onnx=onnx,
+    )
+
+
 def _dropout_call(a: DropoutAttrs, ins: list[str]) -> str:
     return f"F.dropout({ins[0]}, p={a.rate!r}, training=self.training)"
 
@@ -532,6 +595,9 @@ OPS: dict[OpKind, OpDef] = {
         torch=TorchForm(lambda a, ctx: (Module(ctx.name, "ReLU" if ctx.fresh else "nn.ReLU"),)),
         onnx=_one("Relu"),
     ),
+    OpKind.SILU: _activation("SiLU", "nn.SiLU", _SILU_ONNX),
+    OpKind.GELU: _activation("GELU", "nn.GELU", _gelu_onnx),
+    OpKind.MISH: _activation("Mish", "nn.Mish", _mish_onnx),
     OpKind.MAXPOOL: OpDef(
         PoolAttrs,
         1,
