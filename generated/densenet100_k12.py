@@ -66,10 +66,10 @@ class PlainDenseLayer(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, growth, kernel_size=3, padding=1, bias=False)
 
     def forward(self, features: list[Tensor]) -> Tensor:
-        x = torch.cat(features, 1)
+        x = torch.cat(features, 1)  # (B, in_channels, H, W)
         x = self.norm1(x)
         x = self.relu1(x)
-        x = self.conv1(x)
+        x = self.conv1(x)  # (B, growth, H, W)
         return x
 
 
@@ -89,8 +89,8 @@ class Transition(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.norm(x)
         x = self.relu(x)
-        x = self.conv(x)
-        x = self.pool(x)
+        x = self.conv(x)  # (B, out_channels, H, W)
+        x = self.pool(x)  # (B, out_channels, H/2, W/2)
         return x
 
 

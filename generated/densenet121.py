@@ -78,10 +78,10 @@ class DenseLayer(nn.Module):
         self.memory_efficient = False  # set by DenseNet
 
     def bottleneck(self, features: list[Tensor]) -> Tensor:
-        x = torch.cat(features, 1)
+        x = torch.cat(features, 1)  # (B, in_channels, H, W)
         x = self.norm1(x)
         x = self.relu1(x)
-        x = self.conv1(x)
+        x = self.conv1(x)  # (B, width, H, W)
         return x
 
     @torch.jit.unused
@@ -101,7 +101,7 @@ class DenseLayer(nn.Module):
             x = self.bottleneck(features)
         x = self.norm2(x)
         x = self.relu2(x)
-        x = self.conv2(x)
+        x = self.conv2(x)  # (B, growth, H, W)
         return x
 
 
@@ -121,8 +121,8 @@ class Transition(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.norm(x)
         x = self.relu(x)
-        x = self.conv(x)
-        x = self.pool(x)
+        x = self.conv(x)  # (B, out_channels, H, W)
+        x = self.pool(x)  # (B, out_channels, H/2, W/2)
         return x
 
 

@@ -376,6 +376,23 @@ def _unit_doc(kind: UnitKind, parts: list[str]) -> str:
     return _docstring([what, sentence[:1].upper() + sentence[1:] + "."], indent=4)
 
 
+def _symbolic_shapes(cls: UnitClass) -> list[str]:
+    """Each step's output shape in the class's own terms, for comments: its channel arguments, and H, W divided by
+    a non-overlapping window's stride (H/2), or primed where a window changes them otherwise (H')."""
+    channels, h, w = "in_channels", "H", "W"
+    out = []
+    for s in cls.steps:
+        a = conv_attrs(s.node) or s.node.attrs
+        kernel, stride, padding = (getattr(a, f, d) for f, d in (("kernel", 1), ("stride", 1), ("padding", 0)))
+        if stride > 1 and kernel == stride and padding == 0:
+            h, w = f"{h}/{stride}", f"{w}/{stride}"
+        elif stride > 1 or kernel != 2 * padding + 1:
+            h, w = f"{h}'", f"{w}'"
+        channels = s.out_arg or channels
+        out.append(f"(B, {channels}, {h}, {w})")
+    return out
+
+
 def _class_view(cls: UnitClass, tiled: bool) -> dict:
     """The text of one unit class: constructor body, optional bottleneck, forward body.
 
@@ -391,9 +408,12 @@ def _class_view(cls: UnitClass, tiled: bool) -> dict:
     if tiled:
         init.add("self.tile_bytes = 0  # set by DenseNet")
 
+    shapes = _symbolic_shapes(cls)
+
     def step_lines(code: Lines, indices: range) -> None:
         for i in indices:
-            code.add(f"x = {_call('self', cls.steps[i].node.name, cls.steps[i].node)}")
+            changed = shapes[i] != shapes[i - 1] if i > 0 else shapes[0] != "(B, in_channels, H, W)"
+            code.add(f"x = {_call('self', cls.steps[i].node.name, cls.steps[i].node)}", shapes[i] if changed else "")
             if i in cls.drop_slots:
                 code.add("if self.drop_rate > 0:")
                 code.add("    x = F.dropout(x, p=self.drop_rate, training=self.training)")
@@ -403,12 +423,12 @@ def _class_view(cls: UnitClass, tiled: bool) -> dict:
     dense = cls.kind is UnitKind.DENSE_LAYER
     bottleneck = Lines(8)
     if cls.checkpointed:
-        bottleneck.add("x = torch.cat(features, 1)")
+        bottleneck.add("x = torch.cat(features, 1)", "(B, in_channels, H, W)")
         step_lines(bottleneck, range(first_conv + 1))
         bottleneck.add("return x")
     forward = Lines(8)
     if dense and not cls.checkpointed and not cls.buffered:
-        forward.add("x = torch.cat(features, 1)")
+        forward.add("x = torch.cat(features, 1)", "(B, in_channels, H, W)")
     step_lines(forward, range(first_conv + 1, len(cls.steps)))
     forward.add("return x")
     signature = ", ".join(f"{a}: int" for a in cls.args if a != "drop_rate")
