@@ -15,10 +15,10 @@ from dnc.files import spec_reference
 from dnc.frontend.loader import load_spec
 from dnc.frontend.spec import Spec
 from dnc.ir.graph import IRError, inference_only
-from dnc.ir.infer import infer
+from dnc.ir.infer import infer_in_place
 from dnc.ir.limits import Limits, check_limits
 from dnc.ir.lower import lower
-from dnc.ir.passes import NamedPass, Setting
+from dnc.ir.passes import NamedPass, Rewrite, Setting
 from dnc.ir.settings import Settings
 from dnc.ir.verifier import verify
 
@@ -26,20 +26,23 @@ from dnc.ir.verifier import verify
 def compile_spec(spec: Spec, source: str = "", passes: Sequence[NamedPass] = ()) -> nx.DiGraph:
     """Spec -> inferred IR, then each pass in order; `verify` runs after every rewrite.
 
-    A setting (passes.Setting) changes no node: it changes the settings the graph gets at the end.
+    A setting (passes.Setting) changes no node: it changes the settings the graph gets at the end. The graph
+    is this function's own from lowering on, and no step keeps the one before: inference and every rewrite
+    (passes.Rewrite) work on it in place instead of copying it.
     """
     graph = lower(spec, source)
     _verified("lower", graph, inferred=False)
+    graph = _verified("infer", infer_in_place(graph, every_node=True), inferred=True)
     chosen, made_by = Settings(), ""
-    for name, step in (("infer", infer), *passes):
+    for name, step in passes:
         if isinstance(step, Setting):
             chosen = step(chosen)
         else:
-            graph = _verified(name, step(graph), inferred=True)
+            graph = _verified(name, step.in_place(graph) if isinstance(step, Rewrite) else step(graph), inferred=True)
         if not made_by and (chosen.eval_only or inference_only(graph)):
             made_by = name  # the pass that made the network inference-only, for messages
     if chosen != Settings():
-        graph.graph["settings"] = chosen  # the graph is this function's own: lowering and each rewrite made it anew
+        graph.graph["settings"] = chosen
     if made_by:
         graph.graph["inference_only_by"] = made_by
     return graph

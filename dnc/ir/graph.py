@@ -106,7 +106,17 @@ class Node:
         return tensor_key(self.path, t)
 
     def replace(self, **changes) -> Node:
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes` (dataclasses.replace, without re-running __init__: inference replaces every node
+        of a maximal spec's half-million-edge IR after every pass)."""
+        unknown = changes.keys() - _NODE_FIELDS
+        if unknown:
+            raise TypeError(f"Node has no field {sorted(unknown)[0]!r}")
+        new = object.__new__(Node)
+        new.__dict__.update(self.__dict__, **changes)
+        return new
+
+
+_NODE_FIELDS = frozenset(f.name for f in dataclasses.fields(Node))
 
 
 class IRError(AssertionError):
@@ -139,13 +149,11 @@ def node(graph: nx.DiGraph, scope: str) -> Node:
 def inputs(graph: nx.DiGraph, scope: str) -> list[str]:
     """The node's inputs, in port order."""
     pred = graph._pred[scope]  # NOTE: networkx's own; a maximal spec's concats have half a million inputs in all
-    placed = [None] * len(pred)
-    for src, edge in pred.items():  # ports are 0..n-1 in a verified IR: place each input at its port
-        port = edge["port"]
-        if type(port) is not int or not 0 <= port < len(placed) or placed[port] is not None:
-            return [src for src, _ in sorted(pred.items(), key=lambda item: item[1]["port"])]
-        placed[port] = src
-    return placed
+    by_port = {edge["port"]: src for src, edge in pred.items()}
+    try:  # ports are 0..n-1 in a verified IR: each input is at its port
+        return [by_port[port] for port in range(len(pred))]
+    except (KeyError, TypeError):
+        return [src for src, _ in sorted(pred.items(), key=lambda item: item[1]["port"])]
 
 
 def input_nodes(graph: nx.DiGraph, n: Node) -> list[Node]:
@@ -230,7 +238,7 @@ def takes_pre(n: Node) -> bool:
 
 
 def replace_node(graph: nx.DiGraph, new: Node) -> None:
-    graph.nodes[new.scope]["node"] = new
+    graph._node[new.scope]["node"] = new
 
 
 class Builder:

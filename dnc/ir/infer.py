@@ -28,7 +28,7 @@ def infer_in_place(graph: nx.DiGraph, every_node: bool = False) -> nx.DiGraph:
     """`infer` on a graph the caller owns (a pass, on the copy it rewrote): fills it in and returns it.
 
     Unless `every_node`, a node that is already inferred, and none of whose inputs changed shape in this sweep,
-    is kept as it is: a pass clears what it changes (passes._rewrite), so only those nodes and what they feed are
+    is kept as it is: a pass clears what it changes (passes._change), so only those nodes and what they feed are
     computed again (the verifier re-derives every node after every pass all the same).
     """
     changed: set[str] = set()

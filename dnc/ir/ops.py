@@ -19,8 +19,8 @@ convention); BN, ReLU and pooling count none. No torch here.
 
 from __future__ import annotations
 
-import dataclasses
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -335,11 +335,12 @@ def _same(a: Attrs, shapes: list[Shape]) -> Shape:
 
 
 def _concat(a: NoAttrs, shapes: list[Shape]) -> Shape:
-    for s in shapes:
-        _feature_map([s])
+    # NOTE: map and set run in C: a maximal spec's concats have half a million inputs in all
+    if set(map(len, shapes)) != {3}:
+        raise RuleError("needs a C x H x W feature map")
     if len({s[1:] for s in shapes}) != 1:
         raise RuleError("joins feature maps of different spatial sizes")
-    return (sum(s[0] for s in shapes), *shapes[0][1:])
+    return (sum(map(operator.itemgetter(0), shapes)), *shapes[0][1:])
 
 
 def _global_avgpool(a: NoAttrs, shapes: list[Shape]) -> Shape:
@@ -365,9 +366,9 @@ def _linear_tensors(a: LinearAttrs, shapes: list[Shape]) -> list[Tensor]:
 
 def _conv_bn_tensors(a: ConvBNAttrs, shapes: list[Shape]) -> list[Tensor]:
     # No ONNX node reads these: the ONNX emitter writes the folded weight and bias instead.
-    conv = [dataclasses.replace(t, onnx=False) for t in _conv_tensors(a.conv, shapes)]
+    conv = [Tensor(t.name, t.shape, t.init, t.trainable, False, t.integer) for t in _conv_tensors(a.conv, shapes)]
     norm = _batchnorm_tensors(a.bn, [(a.conv.out_channels,)])
-    return conv + [dataclasses.replace(t, module=a.norm, onnx=False) for t in norm]
+    return conv + [Tensor(t.name, t.shape, t.init, t.trainable, False, t.integer, a.norm) for t in norm]
 
 
 def _buffer_concat(a: BufferAttrs, shapes: list[Shape]) -> Shape:

@@ -44,7 +44,7 @@ from dnc.ir.infer import infer_in_place
 from dnc.ir.settings import Settings
 
 Pass = Callable[[nx.DiGraph], nx.DiGraph]
-NamedPass = tuple[str, "Pass | Setting"]  # what the pipeline runs: a name and a rewrite (IR -> IR) or a setting
+NamedPass = tuple[str, "Pass | Rewrite | Setting"]  # what the pipeline runs: a name and a rewrite or a setting
 
 LEVELS = (0, 1, 2)
 # batch_tile: the most bytes of features one tile of samples may hold. Every op is per sample in eval
@@ -59,7 +59,7 @@ class PassInfo:
     level: int  # the lowest -O level that runs it
     targets: frozenset[str]
     doc: str
-    run: Callable[[nx.DiGraph], nx.DiGraph] | Setting
+    run: Rewrite | Setting
 
     @property
     def kind(self) -> str:
@@ -67,7 +67,27 @@ class PassInfo:
         return "setting" if isinstance(self.run, Setting) else "rewrite"
 
 
-def _rewrite(graph: nx.DiGraph, n: Node, **changes) -> None:
+@dataclass(frozen=True)
+class Rewrite:
+    """A pass that changes nodes: IR -> IR. Called, it rewrites a copy of the graph it is given (a pure function);
+    the pipeline, which owns the graph it hands over and keeps none, calls `in_place` and saves the copy."""
+
+    rewrite: Callable[[nx.DiGraph], nx.DiGraph]  # rewrites its argument and infers what it changed
+    doc: str
+
+    def __call__(self, graph: nx.DiGraph) -> nx.DiGraph:
+        return self.rewrite(copy(graph))
+
+    def in_place(self, graph: nx.DiGraph) -> nx.DiGraph:
+        return self.rewrite(graph)
+
+
+def _rewrite(fn: Callable[[nx.DiGraph], nx.DiGraph]) -> Rewrite:
+    """A rewrite pass, from a function that rewrites the graph it is given."""
+    return Rewrite(fn, fn.__doc__)
+
+
+def _change(graph: nx.DiGraph, n: Node, **changes) -> None:
     """Replace `n` by a changed record whose shape, tensors and counts inference fills in again.
 
     Every node a pass changes or rewires goes through here: `infer_in_place` then recomputes it and what
@@ -87,9 +107,9 @@ def _bypass(graph: nx.DiGraph, dropped: Node, into: Node) -> None:
     graph.remove_node(dropped.scope)
 
 
+@_rewrite
 def pool_first(graph: nx.DiGraph) -> nx.DiGraph:
     """Transition: 2x2 average pool before the 1x1 conv (both linear, so they commute): 1/4 of its MACs."""
-    graph = copy(graph)
     for n in ordered(graph):
         pool = _sole_consumer(graph, n) if n.op is OpKind.CONV else None
         if pool is None or pool.op is not OpKind.AVGPOOL or n.unit.kind is not UnitKind.TRANSITION:
@@ -108,40 +128,40 @@ def pool_first(graph: nx.DiGraph) -> nx.DiGraph:
         for dst, edge in consumers:
             graph.add_edge(n.scope, dst, port=edge["port"])
         # creation order stays a topological order: the pool takes the conv's place
-        _rewrite(graph, pool, order=n.order)
-        _rewrite(graph, n, order=pool.order)
+        _change(graph, pool, order=n.order)
+        _change(graph, n, order=pool.order)
     return infer_in_place(graph)
 
 
+@_rewrite
 def fold_conv_bn(graph: nx.DiGraph) -> nx.DiGraph:
     """A batch norm right after a conv (stem norm0, each bottleneck's norm2) folded into it; the conv gains a bias."""
-    graph = copy(graph)
     for n in ordered(graph):
         bn = _sole_consumer(graph, n) if n.op is OpKind.CONV else None
         if bn is None or bn.op is not OpKind.BATCHNORM or bn.path[:-1] != n.path[:-1]:
             continue
         attrs = ConvBNAttrs(conv=n.attrs, norm=bn.name, bn=bn.attrs)
         _bypass(graph, bn, n)
-        _rewrite(graph, n, op=OpKind.CONV_BN, attrs=attrs)
+        _change(graph, n, op=OpKind.CONV_BN, attrs=attrs)
     return infer_in_place(graph)
 
 
+@_rewrite
 def fuse_bn_relu(graph: nx.DiGraph) -> nx.DiGraph:
     """Pre-activation batch norm + ReLU as one step: a multiply-add by the folded scale and shift, then ReLU."""
-    graph = copy(graph)
     for n in ordered(graph):
         relu = _sole_consumer(graph, n) if n.op is OpKind.BATCHNORM else None
         if relu is None or relu.op is not OpKind.RELU or relu.unit != n.unit:
             continue
         _bypass(graph, relu, n)
-        _rewrite(graph, n, op=OpKind.BN_RELU)
+        _change(graph, n, op=OpKind.BN_RELU)
     return infer_in_place(graph)
 
 
+@_rewrite
 def fold_preact_bn(graph: nx.DiGraph) -> nx.DiGraph:
     """A pre-activation BN+ReLU feeding a 1x1 conv or the classifier: the BN's scale and shift move into that
     layer (across pools), its ReLU becomes a per-channel clamp: one pass over the data instead of two."""
-    graph = copy(graph)
     for n in ordered(graph):
         relu = _sole_consumer(graph, n) if n.op is OpKind.BATCHNORM else None
         fused = n.op is OpKind.BN_RELU
@@ -154,13 +174,13 @@ def fold_preact_bn(graph: nx.DiGraph) -> nx.DiGraph:
         if not fused:
             _bypass(graph, relu, n)
         # relu(s*x + b) = s*max(x, -b/s) + b where s > 0 (min where s < 0): the clamp stays, s and b move on
-        _rewrite(graph, n, op=OpKind.BN_CLAMP)
+        _change(graph, n, op=OpKind.BN_CLAMP)
         pre = n.path[len(parent) :]
         if target.op is OpKind.CONV_BN:
             attrs = dataclasses.replace(target.attrs, conv=dataclasses.replace(target.attrs.conv, pre=pre))
         else:
             attrs = dataclasses.replace(target.attrs, pre=pre)
-        _rewrite(graph, target, attrs=attrs)
+        _change(graph, target, attrs=attrs)
     return infer_in_place(graph)
 
 
@@ -177,9 +197,9 @@ def _affine_reader(graph: nx.DiGraph, n: Node) -> Node | None:
     return at if input_nodes(graph, at)[0].shape[0] == n.shape[0] else None
 
 
+@_rewrite
 def block_buffer(graph: nx.DiGraph) -> nx.DiGraph:
     """Each dense block writes every layer's new features once into one preallocated buffer; concats become views."""
-    graph = copy(graph)
     # the block buffer holds the block's output: its concat's channels
     outputs = {n.unit.block: n.shape[0] for n in ordered(graph) if n.unit.kind is UnitKind.BLOCK_OUTPUT}
     for n in ordered(graph):
@@ -187,7 +207,7 @@ def block_buffer(graph: nx.DiGraph) -> nx.DiGraph:
             continue
         if n.unit.block not in outputs:
             raise DncError(f"{n.scope}: its dense block has no output concat")
-        _rewrite(graph, n, op=OpKind.BUFFER_CONCAT, attrs=BufferAttrs(outputs[n.unit.block]))
+        _change(graph, n, op=OpKind.BUFFER_CONCAT, attrs=BufferAttrs(outputs[n.unit.block]))
     return infer_in_place(graph)
 
 
@@ -221,12 +241,12 @@ _tile_doc = f"Dense blocks and transitions run as many samples at a time as {siz
 PASSES: dict[str, PassInfo] = {
     p.name: p
     for p in (
-        PassInfo("pool_first", 1, frozenset({"torch", "onnx"}), pool_first.__doc__, pool_first),
+        PassInfo("pool_first", 1, frozenset({"torch", "onnx"}), pool_first.doc, pool_first),
         PassInfo("onednn_1x1", 1, frozenset({"torch"}), onednn_1x1.doc, onednn_1x1),
-        PassInfo("fold_conv_bn", 2, frozenset({"torch", "onnx"}), fold_conv_bn.__doc__, fold_conv_bn),
-        PassInfo("fuse_bn_relu", 2, frozenset({"torch", "onnx"}), fuse_bn_relu.__doc__, fuse_bn_relu),
-        PassInfo("fold_preact_bn", 2, frozenset({"torch"}), fold_preact_bn.__doc__, fold_preact_bn),
-        PassInfo("block_buffer", 2, frozenset({"torch"}), block_buffer.__doc__, block_buffer),
+        PassInfo("fold_conv_bn", 2, frozenset({"torch", "onnx"}), fold_conv_bn.doc, fold_conv_bn),
+        PassInfo("fuse_bn_relu", 2, frozenset({"torch", "onnx"}), fuse_bn_relu.doc, fuse_bn_relu),
+        PassInfo("fold_preact_bn", 2, frozenset({"torch"}), fold_preact_bn.doc, fold_preact_bn),
+        PassInfo("block_buffer", 2, frozenset({"torch"}), block_buffer.doc, block_buffer),
         PassInfo("batch_tile", 2, frozenset({"torch"}), _tile_doc, batch_tile),
         PassInfo("channels_last", 2, frozenset({"torch"}), channels_last.doc, channels_last),
     )
