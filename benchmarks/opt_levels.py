@@ -348,8 +348,9 @@ def main() -> None:
     # speed-up of each model over the baselines in the run: torchvision's two, and -O2 (to read what a pass is worth)
     bases = {short: best[name] for name, short in BASES.items() if name in best}
     peaks = {}
+    width = max(16, *map(len, best))
     for name, t in best.items():
-        line = f"{name:<16} {t * 1000:9.1f} ms" + "".join(f"  {b}/this {bt / t:5.2f}x" for b, bt in bases.items())
+        line = f"{name:<{width}} {t * 1000:9.1f} ms" + "".join(f"  {b}/this {bt / t:5.2f}x" for b, bt in bases.items())
         if errors:
             line += f"  error {errors[name]:.1e}"
         if args.memory:
