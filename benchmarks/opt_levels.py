@@ -13,7 +13,16 @@ that RSS follows what is live). `--profile` prints where each model's time goes
 cache, then runs). Each model's line gives its speed-up over the baselines in the run
 (torchvision, torchvision_cl, O2: `O2-<pass>` is -O2 without that pass).
 
+`--dtype` casts every model after its weights are loaded (so -O2's folds are computed in float32,
+then cast), on the CPU as on the GPU; `NAME@DTYPE` keeps one model in another dtype in the same
+run (`O2@float32` beside bfloat16 models). When a model is not in float32, each line also gives
+its error against torchvision in float32 on the same input (max |y - ref| / max |ref|). The header
+names the host: on the CPU its model and whether it computes bfloat16 and float16 natively
+(AVX512-BF16 or AMX; AVX512-FP16 or AMX-FP16) or not (then oneDNN, or torch's reference
+kernels, convert through float32: slower than float32, not faster).
+
     python benchmarks/opt_levels.py [--spec specs/densenet121.yaml] [--batch 1] [--threads 0] [--memory]
+    python benchmarks/opt_levels.py --dtype bfloat16 --batch 16 --models torchvision torchvision_cl O2 O2@float32
     python benchmarks/opt_levels.py --device cuda [--dtype float16] --batch 64   # on a GPU
 """
 
@@ -34,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def models(spec_path: str, names: list[str]):
-    """name -> (model, channels_last input?) for torchvision, torchvision_cl and each -O level."""
+    """name -> model (float32, eval) for torchvision, torchvision_cl and each -O level; `NAME@DTYPE` builds NAME."""
     import importlib.util
 
     import torch
@@ -51,15 +60,16 @@ def models(spec_path: str, names: list[str]):
     out = {}
     tmp = Path(tempfile.mkdtemp(prefix="dnc-bench-"))
     for name in names:
-        if name.startswith("torchvision"):
+        base = name.partition("@")[0]
+        if base.startswith("torchvision"):
             model = torchvision_densenet(spec)
             model.load_state_dict(state)
-            if name == "torchvision_cl":
+            if base == "torchvision_cl":
                 model = model.to(memory_format=torch.channels_last)
         else:  # O0, O1, O2, or O2-<pass> (-O2 without that pass)
-            level, _, off = name[1:].partition("-")
+            level, _, off = base[1:].partition("-")
             _, g = build(spec_path, passes=select("torch", int(level), disable=[off] if off else []))
-            path = tmp / f"{name.replace('-', '_')}.py"
+            path = tmp / f"{name.replace('-', '_').replace('@', '_at_')}.py"
             path.write_text(emit_torch.emit(g))
             loader = importlib.util.spec_from_file_location(path.stem, path)
             module = importlib.util.module_from_spec(loader)
@@ -79,7 +89,20 @@ def rotated(models: dict, r: int) -> list:
     return items[r % len(items) :] + items[: r % len(items)]
 
 
-def timing(args) -> dict[str, float]:
+def dtype_of(name: str, default: str) -> str:
+    """The dtype a model runs in: `NAME@DTYPE`'s, else --dtype."""
+    return name.partition("@")[2] or default
+
+
+def model_input(name: str, x):
+    """The input as the model takes it: torchvision_cl gets channels_last (converted inside the timed call)."""
+    import torch
+
+    return x.contiguous(memory_format=torch.channels_last) if name.startswith("torchvision_cl") else x
+
+
+def timing(args) -> tuple[dict[str, float], dict[str, float]]:
+    """Each model's best median time, and its error against float32 torchvision (when a model is not float32)."""
     import torch
 
     from dnc.ir.graph import graph_input
@@ -87,22 +110,29 @@ def timing(args) -> dict[str, float]:
     if args.threads:
         torch.set_num_threads(args.threads)
     found, graph = models(args.spec, args.models)
-    dtype = getattr(torch, args.dtype)
-    found = {name: model.to(args.device, dtype) for name, model in found.items()}
+    # NOTE: cast after load_state_dict, as a user would: -O2 derives its folded tensors in float32 first
+    found = {name: model.to(args.device, getattr(torch, dtype_of(name, args.dtype))) for name, model in found.items()}
     x = torch.randn(args.batch, *graph_input(graph).shape, generator=torch.Generator().manual_seed(0))
-    x = x.to(args.device, dtype)
+    x = x.to(args.device)
+    inputs = {name: x.to(getattr(torch, dtype_of(name, args.dtype))) for name in found}
     cuda = args.device.startswith("cuda")
 
     def call(name, model):
-        out = model(x.contiguous(memory_format=torch.channels_last) if name == "torchvision_cl" else x)
+        out = model(model_input(name, inputs[name]))
         if cuda:  # the GPU runs asynchronously: time the work, not its launch
             torch.cuda.synchronize()
         return out
 
+    errors = {}
     best = {name: float("inf") for name in found}
     with torch.no_grad():
+        low = any(dtype_of(name, args.dtype) != "float32" for name in found)
+        if low:  # the reference: torchvision in float32, same weights and input
+            reference = models(args.spec, ["torchvision"])[0]["torchvision"].to(args.device)(x).float()
         for name, model in found.items():
-            call(name, model)  # warm-up
+            out = call(name, model)  # warm-up
+            if low:
+                errors[name] = ((out.float() - reference).abs().max() / reference.abs().max()).item()
         for r in range(args.rounds):
             for name, model in rotated(found, r):
                 times = []
@@ -111,7 +141,35 @@ def timing(args) -> dict[str, float]:
                     call(name, model)
                     times.append(time.perf_counter() - start)
                 best[name] = min(best[name], statistics.median(times))
-    return best
+    return best, errors
+
+
+def host(device: str) -> str:
+    """The machine the numbers come from: the GPU's name, or the CPU's model and its low-precision arithmetic."""
+    import platform
+
+    import torch
+
+    if device != "cpu":
+        return torch.cuda.get_device_name(device)
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:  # not Linux: the model from platform, the arithmetic unknown
+        return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
+    native = {
+        "bfloat16": [f for f in ("amx_bf16", "avx512_bf16") if f in flags] or ["none (emulated)"],
+        "float16": [f for f in ("amx_fp16", "avx512_fp16") if f in flags] or ["none (emulated)"],
+    }
+    arithmetic = "; ".join(f"{dtype}: {', '.join(found)}" for dtype, found in native.items())
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()} ({arithmetic})"
 
 
 MEMORY_CHILD = r"""
@@ -127,9 +185,10 @@ def status(field):
 
 
 found, graph = models(sys.argv[2], [sys.argv[3]])
-model = found[sys.argv[3]]
+dtype = getattr(torch, sys.argv[6])
+model = found[sys.argv[3]].to(dtype)
 torch.set_num_threads(int(sys.argv[5]) or torch.get_num_threads())
-x = torch.randn(int(sys.argv[4]), *graph_input(graph).shape)
+x = torch.randn(int(sys.argv[4]), *graph_input(graph).shape).to(dtype)
 gc.collect()
 try:  # start the high-water mark here: building the models may have peaked higher than inference
     with open("/proc/self/clear_refs", "w") as f:
@@ -139,7 +198,7 @@ except OSError:
     reset = False
 before = status("VmRSS")
 with torch.no_grad():
-    model(x.contiguous(memory_format=torch.channels_last) if sys.argv[3] == "torchvision_cl" else x)
+    model(x.contiguous(memory_format=torch.channels_last) if sys.argv[3].startswith("torchvision_cl") else x)
 peak = status("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"peak_mib": (peak - before) / 1024, "reset": reset}))
 """
@@ -148,6 +207,7 @@ print(json.dumps({"peak_mib": (peak - before) / 1024, "reset": reset}))
 def memory(args, name: str) -> float:
     """The median peak RSS growth of `--memory-runs` fresh processes (the allocator's reuse varies run to run)."""
     cmd = [sys.executable, "-c", MEMORY_CHILD, str(ROOT), args.spec, name, str(args.batch), str(args.threads)]
+    cmd.append(dtype_of(name, args.dtype))
     # NOTE: a fixed mmap threshold makes RSS follow what is live: with glibc's adaptive one, the same model's
     # peak RSS growth measured 213 or 313-383 MiB from one fresh process to the next, as frees went one way
     # or the other; set MALLOC_MMAP_THRESHOLD_ yourself to measure otherwise.
@@ -190,7 +250,9 @@ def profile(args) -> None:
     x = torch.randn(args.batch, *graph_input(graph).shape)
     rows = {}
     for name, model in found.items():
-        xx = x.contiguous(memory_format=torch.channels_last) if name == "torchvision_cl" else x
+        dtype = getattr(torch, dtype_of(name, args.dtype))
+        model = model.to(dtype)
+        xx = model_input(name, x.to(dtype))
         with torch.no_grad():
             model(xx)
             with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -200,7 +262,8 @@ def profile(args) -> None:
         for event in prof.key_averages():
             totals[category(event.key)] += event.self_cpu_time_total / 1e3 / args.runs
         rows[name] = totals
-    print(f"{args.spec}, batch {args.batch}, ms per call (self CPU time, torch.profiler, mean of {args.runs})")
+    what = f"ms per call (self CPU time, torch.profiler, mean of {args.runs})"
+    print(f"{args.spec}, batch {args.batch}, {args.dtype}, {what}")
     print("| | " + " | ".join(rows) + " |")
     print("| --- |" + " ---: |" * len(rows))
     for what in [*CATEGORIES, "other"]:
@@ -220,8 +283,8 @@ def compiled(args) -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="dnc-inductor-"))
     found, graph = models(args.spec, args.models)
     x = torch.randn(args.batch, *graph_input(graph).shape)
-    cl = x.contiguous(memory_format=torch.channels_last)
-    inputs = {name: cl if name == "torchvision_cl" else x for name in found}
+    found = {name: model.to(getattr(torch, dtype_of(name, args.dtype))) for name, model in found.items()}
+    inputs = {name: model_input(name, x.to(getattr(torch, dtype_of(name, args.dtype)))) for name in found}
     functions, first = {}, {}
     with torch.no_grad():
         for name, model in found.items():
@@ -238,7 +301,10 @@ def compiled(args) -> None:
                     fn(inputs[name])
                     times.append(time.perf_counter() - start)
                 best[name] = min(best[name], statistics.median(times))
-    print(f"torch.compile, {args.spec}, batch {args.batch}, {torch.get_num_threads()} threads, best of {args.rounds}")
+    print(
+        f"torch.compile, {args.spec}, batch {args.batch}, {torch.get_num_threads()} threads, {args.dtype}, "
+        f"best of {args.rounds}"
+    )
     for name in found:
         print(f"{name:<16} first call (compiles) {first[name]:6.1f} s, then {best[name] * 1000:8.1f} ms")
 
@@ -249,10 +315,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU (timing only)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="every model's, unless NAME@DTYPE")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--models", nargs="+", default=["torchvision", "torchvision_cl", "O0", "O1", "O2"])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["torchvision", "torchvision_cl", "O0", "O1", "O2"],
+        help="torchvision, torchvision_cl, O0, O1, O2, O2-<pass> (-O2 without it); NAME@DTYPE runs NAME in DTYPE",
+    )
     parser.add_argument("--memory", action="store_true", help="also peak RSS growth, fresh process per model")
     parser.add_argument("--memory-runs", type=int, default=3, help="fresh processes per model (median)")
     parser.add_argument("--profile", action="store_true")
@@ -262,19 +333,26 @@ def main() -> None:
 
     if args.device != "cpu" and (args.memory or args.profile or args.compile):
         parser.error("--memory, --profile and --compile measure the CPU; --device is for timing")
+    for name in args.models:
+        if dtype_of(name, args.dtype) not in DTYPES:
+            parser.error(f"{name}: the dtype after @ must be one of {', '.join(DTYPES)}")
     if args.profile:
         return profile(args)
     if args.compile:
         return compiled(args)
-    best = timing(args)
+    best, errors = timing(args)
     threads = args.threads or torch.get_num_threads()
-    where = f"{threads} threads" if args.device == "cpu" else torch.cuda.get_device_name(args.device)
+    where = f"{threads} threads" if args.device == "cpu" else args.device
     print(f"{args.spec}, batch {args.batch}, {where}, {args.dtype}, torch {torch.__version__}, best of {args.rounds}")
+    print(f"host: {host(args.device)}")
     # speed-up of each model over the baselines in the run: torchvision's two, and -O2 (to read what a pass is worth)
     bases = {short: best[name] for name, short in BASES.items() if name in best}
     peaks = {}
+    width = max(16, *map(len, best))
     for name, t in best.items():
-        line = f"{name:<16} {t * 1000:9.1f} ms" + "".join(f"  {b}/this {bt / t:5.2f}x" for b, bt in bases.items())
+        line = f"{name:<{width}} {t * 1000:9.1f} ms" + "".join(f"  {b}/this {bt / t:5.2f}x" for b, bt in bases.items())
+        if errors:
+            line += f"  error {errors[name]:.1e}"
         if args.memory:
             peaks[name] = memory(args, name)
             first = next(iter(peaks))
@@ -282,7 +360,8 @@ def main() -> None:
         print(line)
 
 
-BASES = {"torchvision": "tv", "torchvision_cl": "tv_cl", "O2": "O2"}
+BASES = {"torchvision": "tv", "torchvision_cl": "tv_cl", "O2": "O2", "O2@float32": "O2_f32"}
+DTYPES = ["float32", "float16", "bfloat16"]
 
 
 if __name__ == "__main__":

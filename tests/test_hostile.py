@@ -261,7 +261,7 @@ def test_a_spec_file_name_that_is_not_utf8_compiles_to_onnx_under_lc_all_c(tmp_p
     assert done.returncode == 0, done.stderr
     model = onnx.load(str(tmp_path / "out" / "n.onnx"))
     props = {p.key: p.value for p in model.metadata_props}
-    assert props["dnc.frontend.spec"] == "n\\udcff.yaml" and "n\\udcff.yaml" in model.doc_string
+    assert props["dnc.spec"] == "n\\udcff.yaml" and "n\\udcff.yaml" in model.doc_string
 
 
 def test_an_input_side_beyond_int64_is_an_onnx_error_not_a_crash(capsys, monkeypatch, tmp_path):

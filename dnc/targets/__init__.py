@@ -60,7 +60,8 @@ TARGETS: dict[str, Target] = {
             "dnc.targets.onnx.emit",
             ".onnx",
             Path("build/onnx"),
-            # NOTE: the opset range and default are emit_onnx's (not imported here: onnx is slow to load); a test checks
+            # NOTE: the opset range and default and the dtypes are emit_onnx's (not imported here: onnx is slow to
+            # load); a test checks
             options=(
                 Option(
                     "weights",
@@ -70,6 +71,13 @@ TARGETS: dict[str, Target] = {
                 ),
                 Option("opset", int, None, "ONNX opset, 13 to 28 [default: 17].", "N"),
                 Option("seed", int, None, "Seed of the random weights when no --weights [default: 0].", minimum=0),
+                Option(
+                    "dtype",
+                    str,
+                    None,
+                    "Weights, input and output: float32 or float16 (for GPU providers) [default: float32].",
+                    "DTYPE",
+                ),
             ),
             runner="dnc.targets.onnx.run:run_onnx",
             inference_only=True,
