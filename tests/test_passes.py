@@ -109,10 +109,15 @@ def test_each_pass_changes_the_ir_and_keeps_the_numbers(reference, name):
         assert len(clamps) == len(graph0) - len(graph) == 58 + 3 + 1
         takers = [n for n in ordered(graph) if n.op in (OpKind.CONV, OpKind.LINEAR) and n.attrs.pre]
         assert len(takers) == len(clamps) and {"features.transition3.conv", "classifier"} <= {t.scope for t in takers}
-    elif name == "onednn_1x1":  # every 1x1 conv runs oneDNN's kernel, even where torch would choose a GEMM
+    elif name == "measure_1x1":  # every 1x1 conv chooses its kernel; pinned to oneDNN, each runs oneDNN's
         pointwise = [n for n in ordered(graph) if n.op is OpKind.CONV and n.attrs.pointwise]
-        assert len(pointwise) == 58 + 3
-        counts = [_op_calls(m, x[:1], "aten::mkldnn_convolution") for m in (reference[0], model)]
+        assert len(pointwise) == 58 + 3 and settings(graph).conv1x1 == "measured"
+        module = type(model).forward.__globals__  # the generated module's namespace
+        policy, module["CONV1X1_POLICY"] = module["CONV1X1_POLICY"], "onednn"
+        try:
+            counts = [_op_calls(m, x[:1], "aten::mkldnn_convolution") for m in (reference[0], model)]
+        finally:
+            module["CONV1X1_POLICY"] = policy
         assert counts[1] - counts[0] == len(pointwise)
     elif name == "channels_last":
         assert settings(graph).memory_format == "channels_last" and graph.nodes == graph0.nodes
@@ -125,7 +130,7 @@ def test_O1_keeps_training(reference):
 
     Compared in float64, where the algebra shows (they agree to ~1e-15): in float32 torch's own
     weight gradient of the 56x56 transition conv is off by 2.4e-4 on one thread, for -O0 alone.
-    In float32 -O1's 1x1 convs run oneDNN's kernels (onednn_1x1), backward too: its gradients
+    In float32 -O1's 1x1 convs may run oneDNN's kernels (measure_1x1), backward too: its gradients
     agree with the float64 ones as closely as -O0's do.
     """
     model0, _, state, x, _ = reference
@@ -287,7 +292,7 @@ def test_cli_levels():
     listed = run_dnc("passes")
     assert listed.returncode == 0 and all(name in listed.stdout for name in PASSES)
     rewrites, settings_ = listed.stdout.split("settings (")
-    assert {p.name for p in PASSES.values() if p.kind == "setting"} == {"onednn_1x1", "batch_tile", "channels_last"}
+    assert {p.name for p in PASSES.values() if p.kind == "setting"} == {"measure_1x1", "batch_tile", "channels_last"}
     assert all((name in settings_) == (PASSES[name].kind == "setting") for name in PASSES)
     o0 = run_dnc("summary", "specs/densenet121.yaml", "--format", "json")
     o2 = run_dnc("summary", "-O2", "specs/densenet121.yaml", "--format", "json")

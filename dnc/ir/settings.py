@@ -16,9 +16,8 @@ import networkx as nx
 from dnc.files import size_text
 
 MemoryFormat = Literal["contiguous", "channels_last"]
-# how 1x1 convolutions pick their kernel on the CPU: torch's own choice, oneDNN's always, or measured where the
-# model runs
-Conv1x1 = Literal["torch", "onednn", "measured"]
+# how 1x1 convolutions pick their kernel on the CPU: torch's own choice, or measured where the model runs
+Conv1x1 = Literal["torch", "measured"]
 
 
 @dataclass(frozen=True)

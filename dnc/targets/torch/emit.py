@@ -86,7 +86,7 @@ RUNTIME: dict[str, tuple[str, tuple[str, ...]]] = {
 # Names the generated module defines or imports: a network may not be called one of these.
 _TAKEN = {"re", "torch", "nn", "F", "Tensor", "OrderedDict", "DenseNet", "DenseBlock", "DenseLayer", "Transition"}
 _TAKEN |= {"PlainDenseLayer", "upgrade_state_dict", "build", "checkpoint", "BufferedDenseBlock", "Features"}
-_TAKEN |= {"Callable", "_wide", "_derived"} | set(RUNTIME)
+_TAKEN |= {"Callable", "_wide", "_derived", "os", "time", "CONV1X1_POLICY", "conv1x1_choices"} | set(RUNTIME)
 
 
 def emit(graph: nx.DiGraph, options: dict | None = None) -> str:
@@ -584,6 +584,7 @@ def view(graph: nx.DiGraph, options: dict) -> dict:
         "functional": (body["dropout"] and not frozen)
         or any(p in runtime for p in ("conv1x1", "folded_conv", "folded_linear")),
         "callable": "fold_cache" in runtime,
+        "timing": "conv1x1" in runtime,  # the measured kernel choice reads the environment and a clock
         "sequential": body.get("sequential", ""),
         "classes": class_views,
         "graph_classes": [_graph_class_view(c) for c in graph_classes],
