@@ -427,10 +427,17 @@ def _all_specs() -> list[Path]:
 )
 @click.option("--batch", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--target", default="torch", show_default=True, help=f"What to run: one of {', '.join(TARGET_NAMES)}.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Run the target in this dtype (cast after loading); judged against what -O0 costs in it.",
+)
 @pass_options
 @build_options
 @report_errors
-def verify(specs, overrides, weights, device, seed, batch, target, opt_level, pass_, no_pass, policy):
+def verify(specs, overrides, weights, device, seed, batch, target, dtype, opt_level, pass_, no_pass, policy):
     """Run what dnc compile emits and compare it with the IR interpreter and torchvision.
 
     --target torch runs the generated PyTorch model, --target onnx the ONNX model on
@@ -466,6 +473,7 @@ def verify(specs, overrides, weights, device, seed, batch, target, opt_level, pa
             seed=seed,
             batch=batch,
             limits=policy["limits"],
+            dtype=dtype,
         )
         say(outcome.line)
         failed += not outcome.ok

@@ -38,7 +38,10 @@ def generated_model(graph: nx.DiGraph, tensors: dict, dev: torch.device) -> torc
     return model.to(dev).eval()
 
 
-def run_torch(graph: nx.DiGraph, state: dict, x: torch.Tensor, device: str) -> np.ndarray:
-    """The torch target's runner: what `dnc compile --target torch` emits, with these weights, in eval mode."""
+def run_torch(graph: nx.DiGraph, state: dict, x: torch.Tensor, device: str, dtype: str = "float32") -> np.ndarray:
+    """The torch target's runner: what `dnc compile --target torch` emits, with these weights, in eval mode; cast
+    to `dtype` after loading (as a user casts a float32 checkpoint), the output returned in float32."""
+    kind = getattr(torch, dtype)
     with torch.no_grad():
-        return generated_model(graph, to_torch(state), x.device)(x).cpu().numpy()
+        model = generated_model(graph, to_torch(state), x.device).to(kind)
+        return model(x.to(kind)).float().cpu().numpy()
