@@ -86,6 +86,8 @@ class Node:
     tensors: tuple[Tensor, ...] | None = None  # state_dict entries, from the op table
     params: int | None = None
     macs: int | None = None
+    # a training pass chose to recompute in backward what this op's backward needs, instead of keeping it
+    recomputed: bool = False
 
     @property
     def scope(self) -> str:

@@ -211,6 +211,7 @@ _RULES: dict[OpKind, Callable[[_Run, Node, list[Tensor]], Tensor]] = {
     OpKind.INPUT: lambda run, n, args: run.x,
     OpKind.CONV: _one(_conv),
     OpKind.BATCHNORM: _one(_batchnorm),
+    OpKind.SHARED_BATCHNORM: _one(_batchnorm),  # the same batch norm: where its statistics come from is the runtime's
     OpKind.RELU: _one(lambda run, n, x: _relu(x)),
     OpKind.SILU: _one(lambda run, n, x: x * torch.sigmoid(x)),
     OpKind.GELU: _one(lambda run, n, x: 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))),

@@ -57,6 +57,9 @@ class OpKind(StrEnum):
     # left here is the ReLU's per-channel threshold, a clamp (eval only)
     BN_CLAMP = "bn_clamp"
     BUFFER_CONCAT = "buffer_concat"  # a concat whose inputs are written once into a preallocated block buffer
+    # a batch norm reading a dense block's feature maps whose batch statistics, in training, are computed once per
+    # map and shared by every batch norm that reads it (its input normalised once, into one block buffer)
+    SHARED_BATCHNORM = "shared_batchnorm"
 
 
 @dataclass(frozen=True)
@@ -186,7 +189,8 @@ class RuleError(Exception):
 class Saved:
     """A tensor an op's backward keeps: its input or its output, or a companion of that size (indices, a mask)."""
 
-    of: str  # "input" or "output": the tensor, or the one whose size the companion has
+    of: str  # "input" or "output": the tensor, or the one whose size the companion has; "maps": each feature map
+    # the input is a concatenation of (or the input itself), normalised, one copy per map whoever reads it
     itemsize: int = 0  # bytes per element of a companion tensor; 0: the tensor itself (the network's float type)
     tag: str = ""  # names a companion (`indices`, `mask`), so that it is counted apart from the tensor
 
@@ -696,6 +700,16 @@ OPS: dict[OpKind, OpDef] = {
         torch=_bn_form("BNClamp"),
         # NOTE: no ONNX form: a per-channel clamp is a Max with a broadcast bound, which onnxruntime runs outside
         # its NCHWc kernels (README, Optimisation levels); the pass is the torch target's.
+    ),
+    OpKind.SHARED_BATCHNORM: OpDef(
+        BatchNormAttrs,
+        1,
+        lambda a, s: _feature_map(s),
+        _batchnorm_tensors,
+        saves=lambda a: (Saved("maps", tag="normalised"),),
+        words=lambda a, out: "batch norm with batch statistics shared per feature map in training",
+        torch=_bn_form("nn.BatchNorm2d"),
+        onnx=_bn_onnx,
     ),
     OpKind.BUFFER_CONCAT: OpDef(
         BufferAttrs,

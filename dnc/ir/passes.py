@@ -211,6 +211,71 @@ def block_buffer(graph: nx.DiGraph) -> nx.DiGraph:
     return infer_in_place(graph)
 
 
+@_rewrite
+def share_bn_stats(graph: nx.DiGraph) -> nx.DiGraph:
+    """Training: each dense block's feature maps are normalised once per step, their batch statistics shared by every
+    batch norm that reads them (each applies its own scale and shift and keeps its own running statistics); the
+    ReLU after such a norm and what it feeds are recomputed in backward, as are the stem's ReLU and max pool."""
+    # NOTE: exact in train mode (one map's statistics are the same for every reader) and in eval (each reader's own
+    # running statistics: the runtime then runs the -O0 computation). All or nothing, as the runtime decides.
+    plan = _training_plan(graph)
+    if plan is None:
+        return graph
+    shared, recomputed = plan
+    for n in shared:
+        _change(graph, n, op=OpKind.SHARED_BATCHNORM)
+    for n in recomputed:
+        replace_node(graph, node(graph, n.scope).replace(recomputed=True))
+    return infer_in_place(graph)
+
+
+def _training_plan(graph: nx.DiGraph) -> tuple[list[Node], list[Node]] | None:
+    """The batch norms that read a block's maps and the ops recomputed in backward, where the network has the form the
+    training runtime fuses (ReLU activations, bottleneck or plain layers, transitions, norm5 and relu5); else None."""
+    shared, recomputed = [], []
+    members: dict = {}
+    for n in ordered(graph):
+        members.setdefault(n.unit, []).append(n)
+
+    def ops(chain: list[Node]) -> list[OpKind]:
+        return [n.op for n in chain]
+
+    for unit, chain in members.items():
+        kind = unit.kind
+        if kind is UnitKind.STEM:
+            if ops(chain) == [OpKind.CONV, OpKind.BATCHNORM, OpKind.RELU, OpKind.MAXPOOL]:
+                recomputed += chain[2:]  # conv0's output (norm0's input) is what the stem keeps
+        elif kind is UnitKind.DENSE_LAYER:
+            body = [n for n in chain if n.op is not OpKind.CONCAT]
+            core = [n.op for n in body if n.op is not OpKind.DROPOUT]
+            bottleneck = [OpKind.BATCHNORM, OpKind.RELU, OpKind.CONV] * 2
+            if core not in (bottleneck, bottleneck[:3]):
+                return None
+            shared.append(body[0])
+            recomputed += [n for n in body[1:3] if n.op is not OpKind.DROPOUT]  # relu1, and conv1 reads it
+        elif kind is UnitKind.TRANSITION:
+            if ops(chain)[:2] != [OpKind.BATCHNORM, OpKind.RELU]:
+                return None
+            shared.append(chain[0])
+            if ops(chain) == [OpKind.BATCHNORM, OpKind.RELU, OpKind.AVGPOOL, OpKind.CONV]:
+                recomputed += chain[1:]  # pool first: one kernel keeps nothing but the block's maps
+            elif [n.op for n in chain if n.op is not OpKind.DROPOUT] == [
+                OpKind.BATCHNORM,
+                OpKind.RELU,
+                OpKind.CONV,
+                OpKind.AVGPOOL,
+            ]:
+                recomputed.append(chain[1])  # a dropout between conv and pool: the conv keeps the ReLU's output
+            else:
+                return None
+        elif kind is UnitKind.HEAD:
+            if ops(chain)[:2] != [OpKind.BATCHNORM, OpKind.RELU]:
+                return None
+            shared.append(chain[0])
+            recomputed.append(chain[1])
+    return (shared, recomputed) if shared else None
+
+
 @dataclass(frozen=True)
 class Setting:
     """A pass that only chooses settings: Settings -> Settings. It changes no node, so the pipeline applies it to the
@@ -243,6 +308,7 @@ PASSES: dict[str, PassInfo] = {
     p.name: p
     for p in (
         PassInfo("pool_first", 1, frozenset({"torch", "onnx"}), pool_first.doc, pool_first),
+        PassInfo("share_bn_stats", 1, frozenset({"torch"}), share_bn_stats.doc, share_bn_stats),
         PassInfo("measure_1x1", 1, frozenset({"torch"}), measure_1x1.doc, measure_1x1),
         PassInfo("fold_conv_bn", 2, frozenset({"torch", "onnx"}), fold_conv_bn.doc, fold_conv_bn),
         PassInfo("fuse_bn_relu", 2, frozenset({"torch", "onnx"}), fuse_bn_relu.doc, fuse_bn_relu),

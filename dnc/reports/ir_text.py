@@ -41,7 +41,8 @@ def node_line(graph: nx.DiGraph, n: Node) -> str:
     """`%name = op[attrs](%inputs) : shape` for one node."""
     args = ", ".join(f"%{src}" for src in inputs(graph, n.scope))
     attrs = _attrs(n.attrs)
-    return f"%{n.scope} = {n.op.value}{f'[{attrs}]' if attrs else ''}({args}) : {_shape(n)}"
+    kept = ", recomputed in backward" if n.recomputed else ""
+    return f"%{n.scope} = {n.op.value}{f'[{attrs}]' if attrs else ''}({args}) : {_shape(n)}{kept}"
 
 
 def _attrs(attrs) -> str:

@@ -93,7 +93,9 @@ def training_memory(graph: nx.DiGraph, batch: int) -> TrainingMemory:
 
 
 def _recomputed(graph: nx.DiGraph) -> set[str]:
-    """The nodes memory_efficient recomputes: in each dense layer with a bottleneck, up to its first conv."""
+    """The nodes memory_efficient recomputes: in each dense layer with a bottleneck, up to its first conv
+    (torch.utils.checkpoint). A layer whose batch norm shares its block's statistics (pass share_bn_stats)
+    recomputes everything after that norm instead, which keeps only the block's normalised maps."""
     out: set[str] = set()
     layers: dict = {}
     for n in ordered(graph):
@@ -102,7 +104,8 @@ def _recomputed(graph: nx.DiGraph) -> set[str]:
     for members in layers.values():
         convs = [i for i, n in enumerate(members) if n.op is OpKind.CONV]
         if len(convs) == 2:  # bottleneck: conv1 (1x1) then conv2 (3x3)
-            out.update(n.scope for n in members[: convs[0] + 1])
+            shared = [i for i, n in enumerate(members) if n.op is OpKind.SHARED_BATCHNORM]
+            out.update(n.scope for n in (members[shared[0] + 1 :] if shared else members[: convs[0] + 1]))
     return out
 
 
@@ -117,14 +120,24 @@ def _saved(graph: nx.DiGraph, recompute: set[str]) -> dict[str, int]:
             owner[key] = by.scope
             size[key] = nbytes
 
-    for n in ordered(graph):
+    nodes = ordered(graph)
+    # dense layers whose batch norm shares its block's statistics: memory_efficient keeps nothing of them
+    fused = {n.unit for n in nodes if n.op is OpKind.SHARED_BATCHNORM and n.unit.kind is UnitKind.DENSE_LAYER}
+    for n in nodes:
         sources = input_nodes(graph, n)
+        if n.recomputed or (n.scope in recompute and n.unit in fused):
+            continue  # its backward recomputes what it needs from what others keep
         if n.scope in recompute:
             for src in sources:  # the checkpoint keeps its inputs: the tensors from outside it
                 if src.scope not in recompute:
                     keep(_storage(graph, src), n, _numel(src) * FLOAT)
             continue
         for saved in OPS[n.op].saves(n.attrs):
+            if saved.of == "maps":  # one normalised copy of each map the input concatenates, whoever reads it
+                maps = input_nodes(graph, sources[0]) if sources[0].op is OpKind.CONCAT else sources[:1]
+                for m in maps:
+                    keep(m, n, _numel(m) * FLOAT, key=f"{m.scope}#{saved.tag}")
+                continue
             tensor = sources[0] if saved.of == "input" else n
             if saved.itemsize:  # a companion the size of the tensor (indices, a mask), counted on its own
                 keep(n, n, _numel(tensor) * saved.itemsize, key=f"{n.scope}#{saved.tag}")
