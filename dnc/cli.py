@@ -508,7 +508,7 @@ def passes_():
         click.echo(title)
         for p in PASSES.values():
             if p.kind == kind:
-                click.echo(f"  {p.name:<14} -O{p.level}  {','.join(sorted(p.targets)):<11} {' '.join(p.doc.split())}")
+                click.echo(f"  {p.name:<14} {p.levels:<4} {','.join(sorted(p.targets)):<11} {' '.join(p.doc.split())}")
 
 
 @main.command()

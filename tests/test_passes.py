@@ -22,7 +22,7 @@ from dnc.errors import DncError
 from dnc.frontend.loader import load_spec
 from dnc.ir.graph import OpKind, inference_only, ordered
 from dnc.ir.infer import state_dict_layout
-from dnc.ir.passes import PASSES, select
+from dnc.ir.passes import PASSES, names, select
 from dnc.ir.settings import settings
 from dnc.pipeline import build
 from dnc.reports.ir_text import ir_text
@@ -157,6 +157,9 @@ def test_passes_are_per_target_and_named():
     assert [n for n, _ in select("onnx", 2)] == ["pool_first", "fold_conv_bn", "fuse_bn_relu"]
     assert [n for n, _ in select("torch", 2, disable=["channels_last"])][-1] == "batch_tile"
     assert select("torch", 0) == []
+    # the training build's rewrite stops at -O1: -O2 folds every batch norm instead
+    assert "share_bn_stats" in names(select("torch", 1)) and "share_bn_stats" not in names(select("torch", 2))
+    assert PASSES["share_bn_stats"].levels == "-O1" and PASSES["pool_first"].levels == "-O1+"
     with pytest.raises(DncError, match="unknown pass 'fold'"):
         select("torch", 2, disable=["fold"])
     with pytest.raises(DncError, match="not for --target onnx"):

@@ -60,6 +60,17 @@ class PassInfo:
     targets: frozenset[str]
     doc: str
     run: Rewrite | Setting
+    last: int = LEVELS[-1]  # the highest -O level that runs it
+
+    def runs_at(self, level: int) -> bool:
+        return self.level <= level <= self.last
+
+    @property
+    def levels(self) -> str:
+        """ "-O1", "-O1+" (and above), "-O1-O2" (a range)."""
+        if self.level == self.last:
+            return f"-O{self.level}"
+        return f"-O{self.level}+" if self.last == LEVELS[-1] else f"-O{self.level}-O{self.last}"
 
     @property
     def kind(self) -> str:
@@ -308,7 +319,8 @@ PASSES: dict[str, PassInfo] = {
     p.name: p
     for p in (
         PassInfo("pool_first", 1, frozenset({"torch", "onnx"}), pool_first.doc, pool_first),
-        PassInfo("share_bn_stats", 1, frozenset({"torch"}), share_bn_stats.doc, share_bn_stats),
+        # -O1 only: it serves training, and -O2 (inference only) folds every batch norm instead
+        PassInfo("share_bn_stats", 1, frozenset({"torch"}), share_bn_stats.doc, share_bn_stats, last=1),
         PassInfo("measure_1x1", 1, frozenset({"torch"}), measure_1x1.doc, measure_1x1),
         PassInfo("fold_conv_bn", 2, frozenset({"torch", "onnx"}), fold_conv_bn.doc, fold_conv_bn),
         PassInfo("fuse_bn_relu", 2, frozenset({"torch", "onnx"}), fuse_bn_relu.doc, fuse_bn_relu),
@@ -330,7 +342,7 @@ def select(target: str, level: int, enable: Iterable[str] = (), disable: Iterabl
         raise DncError(f"-O{level}: expected one of {', '.join(f'-O{v}' for v in LEVELS)}")
     chosen = []
     for p in PASSES.values():
-        wanted = (p.level <= level or p.name in enable) and p.name not in disable
+        wanted = (p.runs_at(level) or p.name in enable) and p.name not in disable
         if wanted and target not in p.targets:
             if p.name in enable:
                 raise DncError(f"pass '{p.name}' is not for --target {target} (only {', '.join(sorted(p.targets))})")
