@@ -251,21 +251,32 @@ def _training_plan(graph: nx.DiGraph) -> tuple[list[Node], list[Node]] | None:
     def ops(chain: list[Node]) -> list[OpKind]:
         return [n.op for n in chain]
 
+    def same_size(chain: list[Node]) -> bool:  # the convs keep H and W: stride 1, "same" padding, no bias
+        convs = [n.attrs for n in chain if n.op is OpKind.CONV]
+        return all(a.stride == 1 and a.kernel == 2 * a.padding + 1 and not a.bias for a in convs)
+
     for unit, chain in members.items():
         kind = unit.kind
         if kind is UnitKind.STEM:
-            if ops(chain) == [OpKind.CONV, OpKind.BATCHNORM, OpKind.RELU, OpKind.MAXPOOL]:
+            if ops(chain) == [OpKind.CONV, OpKind.BATCHNORM, OpKind.RELU, OpKind.MAXPOOL] and not chain[0].attrs.bias:
                 recomputed += chain[2:]  # conv0's output (norm0's input) is what the stem keeps
         elif kind is UnitKind.DENSE_LAYER:
             body = [n for n in chain if n.op is not OpKind.CONCAT]
             core = [n.op for n in body if n.op is not OpKind.DROPOUT]
             bottleneck = [OpKind.BATCHNORM, OpKind.RELU, OpKind.CONV] * 2
-            if core not in (bottleneck, bottleneck[:3]):
+            if core not in (bottleneck, bottleneck[:3]) or not same_size(body):
                 return None
+            if core == bottleneck and [n.attrs.kernel for n in body if n.op is OpKind.CONV][1] != 3:
+                return None  # the runtime's second conv is 3x3
             shared.append(body[0])
             recomputed += [n for n in body[1:3] if n.op is not OpKind.DROPOUT]  # relu1, and conv1 reads it
         elif kind is UnitKind.TRANSITION:
-            if ops(chain)[:2] != [OpKind.BATCHNORM, OpKind.RELU]:
+            pools = [n.attrs for n in chain if n.op is OpKind.AVGPOOL]
+            if ops(chain)[:2] != [OpKind.BATCHNORM, OpKind.RELU] or not same_size(chain):
+                return None
+            if [(a.kernel, a.stride, a.padding) for a in pools] != [(2, 2, 0)]:
+                return None
+            if any(n.attrs.kernel != 1 for n in chain if n.op is OpKind.CONV):
                 return None
             shared.append(chain[0])
             if ops(chain) == [OpKind.BATCHNORM, OpKind.RELU, OpKind.AVGPOOL, OpKind.CONV]:

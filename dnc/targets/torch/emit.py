@@ -82,11 +82,14 @@ RUNTIME: dict[str, tuple[str, tuple[str, ...]]] = {
     "FoldedConv1x1": ("folded_conv1x1", ("FoldedConv2d", "conv1x1")),
     "FoldedLinear": ("folded_linear", ("_eager",)),
     "Conv1x1": ("conv1x1_module", ("conv1x1",)),
+    "fused_block": ("training", ()),  # with fused_input, fused_stem, fused_dense_layer, fused_transition, fused_head
 }
 # Names the generated module defines or imports: a network may not be called one of these.
 _TAKEN = {"re", "torch", "nn", "F", "Tensor", "OrderedDict", "DenseNet", "DenseBlock", "DenseLayer", "Transition"}
 _TAKEN |= {"PlainDenseLayer", "upgrade_state_dict", "build", "checkpoint", "BufferedDenseBlock", "Features"}
 _TAKEN |= {"Callable", "_wide", "_derived", "os", "time", "CONV1X1_POLICY", "conv1x1_choices"} | set(RUNTIME)
+_TAKEN |= {"threading", "dataclass", "once_differentiable", "aten", "fused_input", "fused_stem", "fused_reason"}
+_TAKEN |= {"fused_dense_layer", "fused_transition", "fused_head"}
 
 
 def emit(graph: nx.DiGraph, options: dict | None = None) -> str:
@@ -393,10 +396,36 @@ def _symbolic_shapes(cls: UnitClass) -> list[str]:
     return out
 
 
-def _class_view(cls: UnitClass, tiled: bool) -> dict:
+def _fused_call(cls: UnitClass) -> str:
+    """The body of a unit class's `fused` method (the training path of pass share_bn_stats): the runtime's function
+    for its kind, handed its modules by name and where its dropouts are."""
+    steps = cls.steps
+    names = [f"self.{_ident(s.node.name)}" for s in steps]
+    last = len(steps) - 1
+
+    def drop(i: int) -> str:
+        return "self.drop_rate" if i in cls.drop_slots else "0.0"
+
+    if cls.kind is UnitKind.TRANSITION:
+        norm = names[0]
+        (conv,) = (name for name, s in zip(names, steps, strict=True) if s.node.op is OpKind.CONV)
+        pool_first = steps[2].node.op is OpKind.AVGPOOL
+        rate = next((drop(i) for i in cls.drop_slots), "0.0")
+        return f"return fused_transition(self, {norm}, {conv}, maps, stats, pool_first={pool_first}, drop={rate})"
+    if len(steps) == 6:  # bottleneck: norm1, relu1, conv1, norm2, relu2, conv2
+        modules = f"{names[0]}, {names[2]}, {names[3]}, {names[5]}"
+        drops = f"{drop(2)}, {drop(last)}"
+    else:  # plain: norm1, relu1, conv1
+        modules = f"{names[0]}, {names[2]}, None, None"
+        drops = f"0.0, {drop(last)}"
+    return f"return fused_dense_layer(self, {modules}, maps, stats, {drops})"
+
+
+def _class_view(cls: UnitClass, tiled: bool, training: bool = False) -> dict:
     """The text of one unit class: constructor body, optional bottleneck, forward body.
 
-    `tiled`: a transition runs its chain on batch tiles (setting batch_tile_bytes)."""
+    `tiled`: a transition runs its chain on batch tiles (setting batch_tile_bytes). `training`: the module has the
+    fused training path (`Features.fused`), so a class whose chain starts at a shared batch norm gets `fused`."""
     init = Lines(8)
     for m in cls.modules():
         init.add(f"self.{_ident(m.name)} = {_constructor(m)}")
@@ -439,6 +468,11 @@ def _class_view(cls: UnitClass, tiled: bool) -> dict:
         parts.append(OPS[s.node.op].words(s.node.attrs, f"to `{s.out_arg}` channels" if s.out_arg else ""))
         if i in cls.drop_slots:
             parts.append("dropout")
+    fused = training and cls.steps[0].node.op is OpKind.SHARED_BATCHNORM
+    preamble = Lines(8)
+    if fused and dense:  # a fused block calls each layer (so FSDP2's hooks run) with its statistics
+        preamble.add("if stats is not None:")
+        preamble.add("    return self.fused(features, stats)")
     return {
         "name": cls.name,
         "doc": _unit_doc(cls.kind, parts),
@@ -446,7 +480,10 @@ def _class_view(cls: UnitClass, tiled: bool) -> dict:
         "init": init.text(),
         "bottleneck": bottleneck.text() if cls.checkpointed else "",
         "input": "features: list[Tensor]" if dense and not cls.buffered else "x: Tensor",
+        "stats": ", stats: list[Tensor] | None = None" if fused and dense else "",
+        "preamble": preamble.text() if preamble.lines else "",
         "forward": forward.text(),
+        "fused": f"        {_fused_call(cls)}" if fused else "",
         "tiled": tiled,
     }
 
@@ -551,7 +588,8 @@ def view(graph: nx.DiGraph, options: dict) -> dict:
     graph_classes = [c for c in classes.all if isinstance(c, GraphClass)]
     checkpointed = [c.name for c in pattern_classes if c.checkpointed]
     tile_bytes = s.batch_tile_bytes
-    class_views = [_class_view(c, tile_bytes > 0) for c in pattern_classes]
+    training = bool(body.get("fused"))
+    class_views = [_class_view(c, tile_bytes > 0, training) for c in pattern_classes]
     buffered = body["buffered"]
     tiled = ["BufferedDenseBlock"] * buffered + [c["name"] for c in class_views if c["tiled"]]
     tile_bytes = tile_bytes if tiled else 0
@@ -559,6 +597,8 @@ def view(graph: nx.DiGraph, options: dict) -> dict:
     used |= {"_tile_size"} if tile_bytes else set()
     used |= {"_traced"} if buffered else set()
     used |= {"any_requires_grad"} if checkpointed else set()
+    used |= {"fused_block"} if training else set()
+    kinds = {m.cls for n in nodes if _is_module(n) and n.path[0] == "features" for m in _modules(graph, n, 1, 1)}
     runtime = _runtime(used)
     channels_last = s.memory_format == "channels_last"
     frozen = inference_only(graph)
@@ -582,10 +622,14 @@ def view(graph: nx.DiGraph, options: dict) -> dict:
         "runtime": [f"torch/runtime/{snippet}.py.j2" for snippet in runtime],
         "block_runtime": [f"torch/runtime/{snippet}.py.j2" for snippet in block_runtime],
         "functional": (body["dropout"] and not frozen)
-        or any(p in runtime for p in ("conv1x1", "folded_conv", "folded_linear")),
+        or any(p in runtime for p in ("conv1x1", "folded_conv", "folded_linear", "training")),
         "callable": "fold_cache" in runtime,
         "timing": "conv1x1" in runtime,  # the measured kernel choice reads the environment and a clock
         "sequential": body.get("sequential", ""),
+        "fused": body.get("fused", ""),
+        "training": training,
+        "fused_kinds": sorted(kinds | {"DenseBlock"} | {c.name for c in pattern_classes}),
+        "fused_layers": "".join(f"{c.name}, " for c in pattern_classes if c.kind is UnitKind.DENSE_LAYER).rstrip(),
         "classes": class_views,
         "graph_classes": [_graph_class_view(c) for c in graph_classes],
         "checkpointed": _tuple(checkpointed),
@@ -744,6 +788,9 @@ def _structured(graph: nx.DiGraph) -> dict:
             sequential.add(f"x = {_call('self', name, op)}", _shape(out))
         sequential.add("return x")
         init.lines[0] = "self.features = features = Features()"
+    fused = _fused_features(graph, stages, dict(items), classes)
+    if fused is not None:
+        init.lines[0] = "self.features = features = Features()"
     features = Lines(8)
     if channels_last:
         features.add("x = x.contiguous(memory_format=torch.channels_last)")
@@ -754,11 +801,52 @@ def _structured(graph: nx.DiGraph) -> dict:
         "blocks": blocks,
         "features": features,
         "sequential": sequential.text(),
+        "fused": fused.text() if fused is not None else "",
         "classes": classes,
         "input_shape": _shape(source),
         "features_shape": _shape(stages[-1][2]),
         **found,
     }
+
+
+def _fused_features(graph: nx.DiGraph, stages: list, members: dict, classes: Classes) -> Lines | None:
+    """The body of `Features.fused`, the training path of pass share_bn_stats: each dense block's maps normalised
+    once (`fused_block`), each transition and norm5 reading them; None where the IR has no shared batch norm, is
+    inference-only, or a unit has graph-following code (then `features` runs its modules in turn)."""
+    nodes = ordered(graph)
+    if inference_only(graph) or not any(n.op is OpKind.SHARED_BATCHNORM for n in nodes):
+        return None
+    if any(not isinstance(c, UnitClass) for c in classes.all):
+        return None
+    code = Lines(8)
+    code.add("x = fused_input(x)")
+    stem = [op for _, op, out in stages if out.unit.kind is UnitKind.STEM]
+    if [n.op for n in stem] == [OpKind.CONV, OpKind.BATCHNORM, OpKind.RELU, OpKind.MAXPOOL] and stem[2].recomputed:
+        conv, norm, _, pool = (f"self.{_ident(n.name)}" for n in stem)
+        code.add(f"x = fused_stem(x, {conv}, {norm}, {pool})", _shape(stem[-1]))
+    else:
+        for n in stem:
+            code.add(f"x = {_call('self', n.name, n)}", _shape(n))
+    rest = [(name, out) for name, _, out in stages if out.unit.kind is not UnitKind.STEM]
+    for i, (name, out) in enumerate(rest):
+        kind = out.unit.kind
+        if kind is UnitKind.BLOCK_OUTPUT:
+            if i + 1 == len(rest):
+                return None
+            reader = members[rest[i + 1][1].unit][0]  # a transition's batch norm, or norm5
+            if reader.op is not OpKind.SHARED_BATCHNORM:
+                return None
+            code.add(f"maps, stats = fused_block(self.{_ident(name)}, x, self.{_dotted(reader.path[1:])})")
+        elif kind is UnitKind.TRANSITION:
+            code.add(f"x = self.{_ident(name)}.fused(maps, stats)", _shape(out))
+        elif kind is UnitKind.HEAD:
+            if len(rest) - i != 2 or out.op is not OpKind.SHARED_BATCHNORM or rest[i + 1][1].op is not OpKind.RELU:
+                return None
+            code.add(f"return fused_head(self.{_ident(name)}, maps, stats)", _shape(rest[-1][1]))
+            return code
+        else:
+            return None
+    return None
 
 
 def _call(via: str, name: str, op: Node | None, x: str = "x") -> str:
