@@ -57,6 +57,8 @@ def full(t: torch.Tensor) -> torch.Tensor:
 def train(model: nn.Module, wrapped: nn.Module, batches: torch.Tensor, rank: int) -> dict:
     opt = torch.optim.SGD(wrapped.parameters(), lr=LR, momentum=MOMENTUM)
     grads = {}
+    # -O1: whether its training path ran fused under the wrapper (None) or why not
+    fused = getattr(model.features, "fused_reason", lambda x: "no fused path (-O0)")(batches[0])
     for step, batch in enumerate(batches):
         half = batch.shape[0] // WORLD
         out = wrapped(batch[rank * half : (rank + 1) * half])
@@ -66,7 +68,7 @@ def train(model: nn.Module, wrapped: nn.Module, batches: torch.Tensor, rank: int
         opt.step()
         opt.zero_grad()
     weights = {name: full(p).detach().clone() for name, p in model.named_parameters()}
-    return {"grads": grads, "weights": weights}
+    return {"grads": grads, "weights": weights, "fused": fused}
 
 
 def run_rank(rank: int, model_file: str, state_file: str, data_file: str, out_dir: str, port: int) -> None:

@@ -41,12 +41,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def distributed(tmp_path_factory):
-    """Compile the tiny spec, run both ranks over every configuration; return (module, state, batches, out)."""
+@pytest.fixture(scope="module", params=["-O0", "-O1"])
+def distributed(request, tmp_path_factory):
+    """Compile the tiny spec at a level, run both ranks over every configuration; return (module, state, batches,
+    out). -O1 trains fused: each rank's dense layers under DDP or FSDP2 (which shards each of them)."""
     tmp = tmp_path_factory.mktemp("dist")
     (tmp / "tiny_dist.yaml").write_text(TINY)
-    result = run_dnc("compile", tmp / "tiny_dist.yaml", "-o", tmp / "gen")
+    result = run_dnc("compile", tmp / "tiny_dist.yaml", "-o", tmp / "gen", request.param)
     assert result.returncode == 0, result.stderr
     model_file = tmp / "gen" / "tiny_dist.py"
     module = import_file(model_file, f"tiny_dist_{tmp.name}")
@@ -115,6 +116,8 @@ def test_distributed_training_equals_one_process(distributed, wrapper, memory_ef
     if unsupported.exists():
         pytest.skip(f"{wrapper} does not run on CPU with gloo in torch {torch.__version__}: {unsupported.read_text()}")
     got = torch.load(out / f"{name}.pt", weights_only=True)
+    if hasattr(module, "fused_block"):  # -O1: fused with batch statistics; with frozen batch norms, not
+        assert (got["fused"] is None) == (bn == "train"), got["fused"]
     want = single_process(module, state, batches, memory_efficient, bn)
     assert_same(got["grads"], want["grads"])
     assert_same(got["weights"], want["weights"])

@@ -13,6 +13,7 @@ import sys
 import pytest
 from conftest import ROOT, run_dnc, spec_path
 
+from dnc.ir.passes import select
 from dnc.pipeline import build
 from dnc.reports.memory import training_memory
 
@@ -95,14 +96,16 @@ print(json.dumps({"growth": peak - base, "saved": saved}))
 """
 
 
-@pytest.fixture(scope="module")
-def memnet(tmp_path_factory):
+@pytest.fixture(scope="module", params=[0, 1], ids=["O0", "O1"])
+def memnet(request, tmp_path_factory):
+    """memnet compiled at -O0 or -O1 (the training build: one normalised copy of each map, ReLUs recomputed), and
+    `dnc summary --batch`'s estimate for that level."""
     tmp = tmp_path_factory.mktemp("memnet")
     (tmp / "memnet.yaml").write_text(MEMNET)
-    result = run_dnc("compile", tmp / "memnet.yaml", "-o", tmp)
+    result = run_dnc("compile", tmp / "memnet.yaml", "-o", tmp, f"-O{request.param}")
     assert result.returncode == 0, result.stderr
     (tmp / "measure.py").write_text(MEASURE)
-    _, graph = build(tmp / "memnet.yaml")
+    _, graph = build(tmp / "memnet.yaml", passes=select("torch", request.param))
     return tmp, training_memory(graph, BATCH)
 
 

@@ -132,6 +132,38 @@ def test_a_sabotaged_emitter_fails_verify_for_a_spec_torchvision_cannot_express(
     assert errors(line)["the interpreter (float64, -O0 IR)"][1] > 1e-3
 
 
+def test_verify_O1_checks_a_training_step_and_sees_a_wrong_gradient(monkeypatch):
+    """-O1's training rewrites change only training: verify runs one step in float64 against the interpreter's. A
+    runtime whose per-map normalisation backward is off by 0.1% passes the eval check and fails this one."""
+    from dnc.targets.torch import emit as emit_torch
+
+    args = ("verify", "specs/densenet_bc100_k12.yaml", "--batch", "1", "-O1")
+    result = dnc_cli(*args)
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip()
+    found = re.search(
+        r"a training step \(fused\) in float64 vs the interpreter: gradients (\S+), input gradient (\S+), "
+        r"running statistics (\S+): ok$",
+        line,
+    )
+    assert found, line
+    assert all(0 <= float(v.rstrip(",;")) <= 1e-12 for v in found.groups())
+    original = emit_torch.emit
+    backward = "_normalize_backward(g, xhat, invstd, ctx.eps)"
+
+    def sabotaged(graph, options=None):
+        source = original(graph, options)
+        assert backward in source
+        return source.replace(backward, backward + " * 1.001")
+
+    monkeypatch.setattr(emit_torch, "emit", sabotaged)
+    result = dnc_cli(*args)
+    assert result.returncode == 1, result.stderr
+    assert "max rel error" in result.stdout and result.stdout.strip().endswith(": MISMATCH (tolerance 1e-05)")
+    gradients = float(re.search(r"gradients (\S+),", result.stdout).group(1))
+    assert gradients > 1e-4
+
+
 def test_verify_onnx_against_torchvision_with_a_checkpoint(small, tmp_path):
     ckpt = tmp_path / "small.pth"
     torch.save(torchvision_state(small), ckpt)

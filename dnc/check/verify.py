@@ -23,7 +23,7 @@ import torch
 from dnc.check.reference import torchvision_densenet
 from dnc.errors import DncError
 from dnc.frontend.spec import Spec
-from dnc.ir.graph import graph_input
+from dnc.ir.graph import OpKind, graph_input, ordered
 from dnc.ir.infer import state_dict_layout
 from dnc.ir.interpret import interpret
 from dnc.ir.limits import Limits, check_activations
@@ -100,11 +100,62 @@ def verify(
         parts.append(f"vs {name}: max abs error {abs_err:.3g}, max rel error {rel_err:.3g}")
     if torchvision is None:
         parts.append(f"no torchvision reference ({why})")
+    if target.name == "torch" and any(n.op is OpKind.SHARED_BATCHNORM for n in ordered(graph)):
+        two = x if len(x) > 1 else torch.cat([x, -x])  # batch statistics need more than one value per channel
+        train_ok, train_part = _verify_training(graph, reference_ir, state, two.double(), seed)
+        ok = ok and train_ok
+        parts.append(train_part)
     verdict = "ok" if ok else f"MISMATCH (tolerance {tolerance:g})"
     if target.name == "onnx":
         label = f"{label} (onnx, onnxruntime)"
     line = f"{label}: {how}, input {tuple(shape)} on {dev.type}: {'; '.join(parts)}: {verdict}"
     return Outcome(ok, line)
+
+
+# A training step in float64 (gradients of all parameters together, the input's gradient, the running statistics
+# after it) against the interpreter's: what the training passes (-O1) must keep. The two spell batch norm
+# differently, so they differ by float64 rounding over a whole network's backward: about 1e-14 here.
+TRAIN_TOLERANCE = 1e-10
+
+
+def _verify_training(graph, reference_ir, state, x: torch.Tensor, seed: int) -> tuple[bool, str]:
+    """One training step of the generated module (train mode, float64) against the interpreter's on the -O0 IR,
+    the same dropout masks drawn from the same seed."""
+    from dnc.ir.interpret import leaf_state
+    from dnc.targets.torch.run import load_generated
+
+    model = load_generated(graph).DenseNet()
+    model.load_state_dict(to_torch(state), strict=True)
+    model = model.to(x.device, torch.float64).train()
+    weights = torch.randn(x.shape[0], *model(x.detach()).shape[1:], dtype=torch.float64, device=x.device)
+    model.load_state_dict(to_torch(state), strict=True)  # the probe call above updated the running statistics
+    leaves = leaf_state(reference_ir, state)
+    results = []
+    for run in ("model", "interpreter"):
+        xi = x.detach().clone().requires_grad_()
+        torch.manual_seed(seed)
+        if run == "model":
+            why = model.features.fused_reason(xi) if hasattr(model.features, "fused_reason") else "no fused path"
+            out, after = model(xi), model.state_dict()
+            params = dict(model.named_parameters())
+        else:
+            done = interpret(reference_ir, {k: v.to(x.device) for k, v in leaves.items()}, xi, train=True)
+            out, after = done.output, done.state
+            params = {k: v for k, v in leaves.items() if v.requires_grad}
+        grads = torch.autograd.grad((out * weights).sum(), [xi, *params.values()])
+        running = {k: v for k, v in after.items() if "running" in k}
+        results.append((grads[0], dict(zip(params, grads[1:], strict=True)), running))
+    (gx, gp, run_stats), (rx, rp, ref_stats) = results
+    names = list(rp)
+    grads_err = _errors(torch.cat([gp[k].flatten() for k in names]), torch.cat([rp[k].flatten() for k in names]))[1]
+    input_err = _errors(gx, rx)[1]
+    stats_err = max(_errors(run_stats[k], ref_stats[k])[1] for k in ref_stats)
+    ok = max(grads_err, input_err, stats_err) <= TRAIN_TOLERANCE
+    how = "fused" if why is None else f"modules in turn: {why}"
+    return ok, (
+        f"a training step ({how}) in float64 vs the interpreter: gradients {grads_err:.3g}, input gradient "
+        f"{input_err:.3g}, running statistics {stats_err:.3g}"
+    )
 
 
 LOW_DTYPES = ("bfloat16", "float16")
