@@ -16,17 +16,22 @@ ships densenet121/161/169/201; for other specs its DenseNet class is built with 
 kernels on first calls, at most eight; pin them with DNC_CONV1X1=onednn|conv2d to skip that), then the models
 run interleaved, one step each per round, each round starting with the next model (whoever runs after whom
 inherits the allocator's and the caches' state), `--rounds` rounds; a model's time is the median of its steps,
-its speed-up a baseline's median over its own (>1 is faster). Quote numbers from at least 5 rounds.
+its speed-up a baseline's median over its own (>1 is faster). Quote numbers from at least 5 rounds. A probe
+before and after says whether other processes held the cores (a parallel op then waits a time slice for its
+threads, and every model's step stretches: measure on a quiet machine, or with --threads 1).
 `memory`: the peak RSS growth of one step (the first, after building model and optimizer and a no_grad warm-up
 forward of 2 samples) in a fresh process per model, glibc's mmap threshold fixed at 128 KiB and trimming
 at every free, so that RSS follows what is live; the high-water mark reset through /proc/self/clear_refs after
 the warm-up; file-backed pages the step brings back (torch's libraries, evicted under memory pressure) not
-counted; median of `--runs` processes. Beside it, dnc's static estimate (`dnc summary --batch N -O<level>`):
-what autograd keeps plus the gradients; the first step also allocates the momentum buffers, after backward.
-`depth`: `memory` for densenet121/169/201/264, then a least-squares fit of the growth against the number of
-dense layers L, a + b*L + c*L^2, and per model the quadratic share c*L^2 / (a + b*L + c*L^2) at the deepest
-net (torchvision keeps every layer's concatenation: quadratic in L within a block). `profile`: self CPU time
-per step by category (torch.profiler), mean over `--runs` steps after the warm-up.
+counted; median of `--runs` processes. Beside it, dnc's static estimate (`dnc summary --batch N -O<level>`)
+of the first step's peak: the gradients plus what autograd keeps (at the end of backward) or the momentum
+buffers SGD creates (in its step, once backward has freed what autograd kept), whichever is larger.
+`depth`: `memory` for densenet121/169/201/264 (`--specs`), then a least-squares fit of the growth against the
+number of dense layers L, a + b*L + c*L^2, and per model the quadratic share c*L^2 / (a + b*L + c*L^2) at the
+deepest net (torchvision keeps every layer's concatenation: quadratic in L within a block); fitted again less
+the gradients (which grow quadratically too: a layer's 1x1 conv reads every map before it), and for dnc's
+estimate of what autograd keeps. `profile`: self CPU time per step by category (torch.profiler), mean over
+`--runs` steps after the warm-up.
 
     python benchmarks/train_levels.py time [--spec specs/densenet121.yaml] [--batch 8] [--rounds 5] [--threads 2]
     python benchmarks/train_levels.py time --models torchvision torchvision_cl O0 O1 O1_bf16 torchvision_bf16
@@ -170,6 +175,7 @@ class Step:
         self.x = torch.randn(batch, *shape, generator=g)
         self.y = torch.randint(0, classes, (batch,), generator=g)
         self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        self.first_loss = None  # the same weights and batch: every float32 model's should agree
 
     def forward(self, x):
         import torch
@@ -187,6 +193,8 @@ class Step:
             loss = F.cross_entropy(self.forward(self.x), self.y)
         loss.backward()
         self.opt.step()
+        if self.first_loss is None:
+            self.first_loss = loss.item()
 
     def warm_up(self) -> None:
         """A no_grad forward of 2 samples: thread pools and kernels started, nothing kept for backward."""
@@ -237,6 +245,27 @@ def header(args, graph, what: str) -> str:
     )
 
 
+def contention() -> float:
+    """How much longer a small parallel op takes on 2 threads (or the --threads, if more) than on one, fastest of
+    25: about 0.5 on a quiet 2-core machine, far above 1 when other processes hold the cores (every OpenMP region
+    then waits for its threads; measure with --threads 1 there)."""
+    import torch
+
+    y = torch.randn(8, 128, 56, 56)
+    threads = torch.get_num_threads()
+    best = {}
+    for n in (1, max(2, threads)):
+        torch.set_num_threads(n)
+        times = []
+        for _ in range(25):
+            start = time.perf_counter()
+            torch.relu(y)
+            times.append(time.perf_counter() - start)
+        best[n] = min(times)
+    torch.set_num_threads(threads)
+    return best[max(2, threads)] / best[1]
+
+
 def timing(args) -> dict:
     import torch
 
@@ -244,6 +273,7 @@ def timing(args) -> dict:
 
     torch.set_num_threads(args.threads)
     steps, graph = steps_for(args, runnable(args.spec, size_overrides(args.size), args.models))
+    probes = [contention()]
     extra = warm(steps)
     times = {name: [] for name in steps}
     for r in range(args.rounds):
@@ -251,9 +281,14 @@ def timing(args) -> dict:
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
+    probes.append(contention())
     median = {name: statistics.median(t) for name, t in times.items()}
     what = f"training step (SGD momentum), median of {args.rounds} interleaved rounds"
     print(header(args, graph, what))
+    n = max(2, args.threads)
+    print(f"contention probe, a {n}-thread relu's time over a 1-thread one's (quiet: 1/{n}; busy: >1): ", end="")
+    print(f"{probes[0]:.2f} before, {probes[1]:.2f} after")
+    print("first step's loss: " + ", ".join(f"{name} {step.first_loss:.6f}" for name, step in steps.items()))
     if extra:
         print(f"warm-up: 2 steps per model and {extra} more rounds while dnc's 1x1 kernels were tried")
     if args.rounds < 5:
@@ -265,7 +300,13 @@ def timing(args) -> dict:
         spread = f"[{min(times[name]) * 1e3:.0f}-{max(times[name]) * 1e3:.0f}]"
         ratios = "".join(f" {median[b] / t:.2f}x |" for b in bases)
         print(f"| {name} | {t * 1e3:.0f} | {spread} |{ratios}")
-    return {"times_s": times, "median_s": median, "warm_up_extra_rounds": extra}
+    return {
+        "times_s": times,
+        "median_s": median,
+        "warm_up_extra_rounds": extra,
+        "first_loss": {name: step.first_loss for name, step in steps.items()},
+        "contention": probes,
+    }
 
 
 MEMORY_CHILD = r"""
@@ -328,8 +369,8 @@ def measure(args, spec_path: str, name: str) -> list[float]:
 
 
 def estimate(spec_path: str, overrides: list[str], name: str, batch: int):
-    """dnc's static training memory of a float32 dnc model (`dnc summary --batch N -O<level>`), else None: (bytes
-    kept for backward, gradients) with its memory_efficient setting."""
+    """dnc's static training memory of a float32 dnc model (`dnc summary --batch N -O<level>`), else None: the
+    bytes kept for backward (with the model's memory_efficient setting), the gradients and SGD's momentum."""
     from dnc.ir.passes import select
     from dnc.pipeline import build
     from dnc.reports.memory import training_memory
@@ -339,7 +380,8 @@ def estimate(spec_path: str, overrides: list[str], name: str, batch: int):
         return None
     _, graph = build(spec_path, overrides, passes=select("torch", int(base[1:])))
     m = training_memory(graph, batch)
-    return (m.activations_memory_efficient if memory_efficient else m.activations), m.gradients
+    kept = m.activations_memory_efficient if memory_efficient else m.activations
+    return kept, m.gradients, m.optimizer_state["sgd_momentum"]
 
 
 def memory(args) -> dict:
@@ -356,7 +398,10 @@ def memory(args) -> dict:
     )
     torch.set_num_threads(args.threads)
     print(header(args, build(args.spec, overrides)[1], what), flush=True)
-    print("| model | MiB | runs | this/torchvision | dnc estimate MiB (kept + gradients) | measured/estimate |")
+    # the first step's peak: at the end of backward (what autograd keeps, the gradients), or in the optimizer step
+    # (the gradients and the momentum buffers it creates, what autograd kept already freed)
+    estimated = "dnc estimate MiB: gradients + max(kept, momentum)"
+    print(f"| model | MiB | runs | this/torchvision | {estimated} | measured/estimate |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     runs, median = {}, {}
     for name in names:
@@ -365,9 +410,10 @@ def memory(args) -> dict:
         ratio = f"{median[name] / median['torchvision']:.2f}x" if "torchvision" in median else "-"
         est = estimate(args.spec, overrides, name, args.batch)
         if est:
-            kept, grads = est
-            guess = f"{(kept + grads) / MIB:.0f} ({kept / MIB:.0f} + {grads / MIB:.0f})"
-            versus = f"{median[name] * MIB / (kept + grads):.2f}"
+            kept, grads, momentum = (b / MIB for b in est)
+            peak = grads + max(kept, momentum)
+            guess = f"{peak:.0f} = {grads:.0f} + max({kept:.0f}, {momentum:.0f})"
+            versus = f"{median[name] / peak:.2f}"
         else:
             guess = versus = "-"
         spread = " ".join(f"{p:.0f}" for p in runs[name])
@@ -388,6 +434,8 @@ def quadratic_share(layers: list[int], mib: list[float]) -> tuple[list[float], f
 
 def depth(args) -> dict:
     from dnc.frontend.loader import load_spec
+    from dnc.pipeline import build
+    from dnc.reports.memory import training_memory
 
     overrides = size_overrides(args.size)
     env = memory_env()
@@ -398,11 +446,14 @@ def depth(args) -> dict:
         f"MALLOC_MMAP_THRESHOLD_={env['MALLOC_MMAP_THRESHOLD_']}; load {os.getloadavg()[0]:.1f}",
         flush=True,
     )
-    layers, measured, estimated = {}, {name: {} for name in args.models}, {}
-    print("| spec | dense layers L | " + " | ".join(f"{n} MiB" for n in args.models) + " |")
-    print("| --- | ---: |" + " ---: |" * len(args.models))
+    # NOTE: the gradients (and momentum) grow quadratically with L too (a layer's 1x1 conv reads every map before
+    # it): the fit of growth minus gradients is the activations' alone, where they outweigh the momentum
+    layers, gradients, measured, estimated = {}, {}, {name: {} for name in args.models}, {}
+    print("| spec | dense layers L | gradients MiB | " + " | ".join(f"{n} MiB" for n in args.models) + " |")
+    print("| --- | ---: | ---: |" + " ---: |" * len(args.models))
     for spec_path in args.specs:
         layers[spec_path] = sum(b.layers for b in load_spec(spec_path, overrides).resolved_blocks())
+        gradients[spec_path] = training_memory(build(spec_path, overrides)[1], args.batch).gradients / MIB
         names = runnable(spec_path, overrides, args.models)
         cells = []
         for name in args.models:
@@ -413,25 +464,31 @@ def depth(args) -> dict:
             cells.append(f"{measured[name][spec_path]:.0f}")
             est = estimate(spec_path, overrides, name, args.batch)
             if est:
-                estimated.setdefault(f"{name} (dnc estimate: kept for backward)", {})[spec_path] = est[0] / MIB
-        print(f"| {Path(spec_path).stem} | {layers[spec_path]} | " + " | ".join(cells) + " |", flush=True)
+                estimated.setdefault(f"{name}: dnc estimate of what autograd keeps", {})[spec_path] = est[0] / MIB
+        row = f"| {Path(spec_path).stem} | {layers[spec_path]} | {gradients[spec_path]:.0f} | "
+        print(row + " | ".join(cells) + " |", flush=True)
+    series = {}
+    for name, points in measured.items():
+        series[f"{name}: growth"] = points
+        series[f"{name}: growth - gradients"] = {s: mib - gradients[s] for s, mib in points.items()}
     print("\nleast squares: MiB = a + b*L + c*L^2; quadratic share = c*L^2 / (a + b*L + c*L^2) at the deepest net")
-    print("| model | a MiB | b MiB/layer | c MiB/layer^2 | quadratic share |")
+    print("| what | a MiB | b MiB/layer | c MiB/layer^2 | quadratic share |")
     print("| --- | ---: | ---: | ---: | ---: |")
     fits = {}
-    for name, points in {**measured, **estimated}.items():
+    for name, points in {**series, **estimated}.items():
         if len(points) < 3:
             print(f"| {name} | fewer than 3 depths: no fit | | | |")
             continue
         (a, b, c), share = quadratic_share([layers[s] for s in points], list(points.values()))
         fits[name] = {"a": a, "b": b, "c": c, "quadratic_share": share}
         print(f"| {name} | {a:.1f} | {b:.2f} | {c:.4f} | {share:.0%} |")
-    return {"layers": layers, "peak_mib": measured, "estimate_mib": estimated, "fits": fits}
+    return {"layers": layers, "gradients_mib": gradients, "peak_mib": measured, "estimate_mib": estimated, "fits": fits}
 
 
 # torch.profiler op names -> what they are, first match wins; the rest (autograd's engine, Python, views) is "other"
 CATEGORIES = {
     "optimizer": ("_foreach_", "sgd", "Optimizer"),
+    "gradient accumulation": ("AccumulateGrad",),  # before the elementwise ops: its name holds "mul"
     "convolutions": ("convolution", "conv2d", "addmm", "mm", "linear"),
     "batch norm, ReLU, elementwise": (
         "batch_norm",
@@ -453,7 +510,6 @@ CATEGORIES = {
     "copies and concatenation": ("cat", "copy_", "contiguous", "clone", "_to_copy", "split", "narrow"),
     "pooling": ("pool",),
     "loss": ("cross_entropy", "nll_loss", "log_softmax"),
-    "gradient accumulation": ("AccumulateGrad",),
 }
 
 
@@ -474,7 +530,7 @@ def profile(args) -> dict:
     torch.set_num_threads(args.threads)
     steps, graph = steps_for(args, runnable(args.spec, size_overrides(args.size), args.models))
     warm(steps)
-    rows, walls = {}, {}
+    rows, walls, others = {}, {}, {}
     for name, step in steps.items():
         start = time.perf_counter()
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -482,9 +538,13 @@ def profile(args) -> dict:
                 step()
         walls[name] = (time.perf_counter() - start) / args.runs * 1e3
         totals = dict.fromkeys([*CATEGORIES, "other"], 0.0)
+        other = []
         for event in prof.key_averages():
-            totals[category(event.key)] += event.self_cpu_time_total / 1e3 / args.runs
-        rows[name] = totals
+            ms = event.self_cpu_time_total / 1e3 / args.runs
+            totals[category(event.key)] += ms
+            if category(event.key) == "other":
+                other.append((ms, event.key))
+        rows[name], others[name] = totals, sorted(other, reverse=True)[:5]
     print(header(args, graph, f"self CPU ms per training step (torch.profiler, mean of {args.runs})"))
     print("| | " + " | ".join(rows) + " |")
     print("| --- |" + " ---: |" * len(rows))
@@ -492,7 +552,9 @@ def profile(args) -> dict:
         print(f"| {what} | " + " | ".join(f"{r[what]:.1f}" for r in rows.values()) + " |")
     print("| total (self) | " + " | ".join(f"{sum(r.values()):.1f}" for r in rows.values()) + " |")
     print("| wall per step (profiled) | " + " | ".join(f"{w:.1f}" for w in walls.values()) + " |")
-    return {"self_cpu_ms": rows, "wall_ms": walls}
+    for name, top in others.items():
+        print(f"{name}, most of 'other': " + ", ".join(f"{key} {ms:.1f}" for ms, key in top))
+    return {"self_cpu_ms": rows, "wall_ms": walls, "other_ms": {n: {k: ms for ms, k in t} for n, t in others.items()}}
 
 
 def main() -> None:
