@@ -38,6 +38,7 @@ estimate of what autograd keeps. `profile`: self CPU time per step by category (
     python benchmarks/train_levels.py memory [--batch 16] [--runs 3] [--models torchvision O0 O1 O1_me]
     python benchmarks/train_levels.py depth [--batch 16] [--runs 3] [--models torchvision O0 O1]
     python benchmarks/train_levels.py profile [--batch 8] [--runs 3] [--models torchvision_cl O1]
+    python benchmarks/train_levels.py time --compile --models torchvision O0 O1   # under torch.compile
 
 `--size N` feeds N x N inputs (the spec's own by default; DenseNet takes any size its stages do not shrink to
 nothing), `--json FILE` also writes the results as JSON.
@@ -274,6 +275,13 @@ def timing(args) -> dict:
     torch.set_num_threads(args.threads)
     steps, graph = steps_for(args, runnable(args.spec, size_overrides(args.size), args.models))
     probes = [contention()]
+    compiled = {}
+    if args.compile:  # torch.compile of each model; its first step compiles forward and backward (cold cache)
+        for name, step in steps.items():
+            step.model = torch.compile(step.model)
+            start = time.perf_counter()
+            step()
+            compiled[name] = time.perf_counter() - start
     extra = warm(steps)
     times = {name: [] for name in steps}
     for r in range(args.rounds):
@@ -284,6 +292,8 @@ def timing(args) -> dict:
     probes.append(contention())
     median = {name: statistics.median(t) for name, t in times.items()}
     what = f"training step (SGD momentum), median of {args.rounds} interleaved rounds"
+    if args.compile:
+        what = "torch.compile'd " + what
     print(header(args, graph, what))
     n = max(2, args.threads)
     print(f"contention probe, a {n}-thread relu's time over a 1-thread one's (quiet: 1/{n}; busy: >1): ", end="")
@@ -291,6 +301,8 @@ def timing(args) -> dict:
     print("first step's loss: " + ", ".join(f"{name} {step.first_loss:.6f}" for name, step in steps.items()))
     if extra:
         print(f"warm-up: 2 steps per model and {extra} more rounds while dnc's 1x1 kernels were tried")
+    if compiled:
+        print("first step, compiling included: " + ", ".join(f"{n} {t:.1f} s" for n, t in compiled.items()))
     if args.rounds < 5:
         print(f"NOTE: {args.rounds} rounds: at least 5 for numbers to quote")
     bases = [b for b in BASELINES if b in median]
@@ -306,6 +318,7 @@ def timing(args) -> dict:
         "warm_up_extra_rounds": extra,
         "first_loss": {name: step.first_loss for name, step in steps.items()},
         "contention": probes,
+        "first_step_compiling_s": compiled,
     }
 
 
@@ -573,6 +586,7 @@ def main() -> None:
         default=None,
         help=f"{', '.join(BASES)}; NAME_me: memory_efficient; NAME_bf16: bfloat16 autocast",
     )
+    parser.add_argument("--compile", action="store_true", help="time: each model under torch.compile")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args()
     batch, models = DEFAULTS[args.mode]
