@@ -115,13 +115,15 @@ def flat(grads: dict) -> torch.Tensor:
     return torch.cat([g.flatten() for g in grads.values()])
 
 
-@pytest.mark.parametrize("memory_efficient", [False, True])
-def test_float64_gradients_and_running_statistics_equal_O0s(pair, memory_efficient):
+@pytest.mark.parametrize(("memory_efficient", "memory_format"), [(False, "auto"), (True, "auto"), (False, "input")])
+def test_float64_gradients_and_running_statistics_equal_O0s(pair, memory_efficient, memory_format):
     """With memory_efficient, -O0 (as torchvision) updates each first batch norm's running statistics twice per
     step: torch.utils.checkpoint runs the bottleneck again in backward, in train mode. -O1 recomputes without
-    touching them: its statistics are those of one update, -O0's without memory_efficient."""
+    touching them: its statistics are those of one update, -O0's without memory_efficient. memory_format "input":
+    the fused path in NCHW, as it runs off the CPU (with torch's batch-norm kernels), here on the CPU."""
     name = pair[0]
     m0, m1 = models(pair, memory_efficient=memory_efficient)
+    m1.features.fused_memory_format = memory_format
     x, y = batch(name)
     assert m1.features.fused_reason(x.requires_grad_()) is None  # the fused path is what is checked
     ref, got = step(m0, x, y), step(m1, x, y)
@@ -140,13 +142,16 @@ def test_float64_gradients_and_running_statistics_equal_O0s(pair, memory_efficie
             assert torch.equal(got["state"][key], v), key
 
 
-def test_float32_error_at_most_twice_O0s(pair):
+@pytest.mark.parametrize("memory_format", ["auto", "input"])
+def test_float32_error_at_most_twice_O0s(pair, memory_format):
     """Against float64 -O0, -O1 in float32 is at most twice as far off as -O0 in float32 (batch statistics by
-    cascade sums, docs/training.md), in the output, the gradients and the running statistics."""
+    cascade sums in channels_last, docs/training.md), in the output, the gradients and the running statistics."""
     name = pair[0]
     reference = step(models(pair)[0], *batch(name))
     errors = []
-    for model in models(pair, torch.float32):
+    m0, m1 = models(pair, torch.float32)
+    m1.features.fused_memory_format = memory_format
+    for model in (m0, m1):
         x, y = batch(name, torch.float32)
         got = step(model, x, y)
         stats = [k for k, v in reference["state"].items() if v.is_floating_point() and "running" in k]
@@ -294,3 +299,27 @@ def test_torch_compile_of_a_training_step(pair):
     ref, got = step(torch.compile(m0), x, y), step(torch.compile(m1), x, y)
     assert rel(got["loss"], ref["loss"]) <= 1e-5
     assert rel(flat(got["grads"]), flat(ref["grads"])) <= 1e-4
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("memory_format", ["auto", "channels_last"])
+def test_training_on_cuda_matches_O0_on_the_cpu(pair, memory_format):
+    """On the GPU the fused path runs in the input's format ("auto") or NHWC, with torch's batch-norm kernels: a
+    float64 step equals -O0's on the CPU, and a float32 one is as far from it as -O0's on the GPU (at most twice)."""
+    name = pair[0]
+    m0, m1 = models(pair)
+    m1 = m1.cuda()
+    m1.features.fused_memory_format = memory_format
+    x, y = batch(name)
+    assert m1.features.fused_reason(x.cuda().requires_grad_()) is None
+    ref, got = step(m0, x, y), step(m1, x.cuda(), y.cuda())
+    assert rel(got["input"].cpu(), ref["input"]) <= 1e-10
+    assert rel(flat(got["grads"]).cpu(), flat(ref["grads"])) <= 1e-10
+    errors = []
+    m0, m1 = models(pair, torch.float32)
+    m1.features.fused_memory_format = memory_format
+    for model in (m0.cuda(), m1.cuda()):
+        got = step(model, x.float().cuda(), y.cuda())
+        errors.append(rel(flat(got["grads"]).cpu(), flat(ref["grads"])))
+    assert errors[1] <= 2 * errors[0]

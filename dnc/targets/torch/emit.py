@@ -819,7 +819,7 @@ def _fused_features(graph: nx.DiGraph, stages: list, members: dict, classes: Cla
     if any(not isinstance(c, UnitClass) for c in classes.all):
         return None
     code = Lines(8)
-    code.add("x = fused_input(x)")
+    code.add("x = fused_input(x, self.fused_memory_format)")
     stem = [op for _, op, out in stages if out.unit.kind is UnitKind.STEM]
     if [n.op for n in stem] == [OpKind.CONV, OpKind.BATCHNORM, OpKind.RELU, OpKind.MAXPOOL] and stem[2].recomputed:
         conv, norm, _, pool = (f"self.{_ident(n.name)}" for n in stem)
