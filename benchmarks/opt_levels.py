@@ -228,9 +228,10 @@ CATEGORIES = {
 }
 
 
-def category(op: str) -> str:
+def category(op: str, categories: dict[str, tuple[str, ...]] = CATEGORIES) -> str:
+    """The category of a profiled op: the first whose words appear in its name, else "other"."""
     name = op.removeprefix("aten::")
-    for what, words in CATEGORIES.items():
+    for what, words in categories.items():
         if any(w in name for w in words):
             return what
     return "other"

@@ -526,19 +526,13 @@ CATEGORIES = {
 }
 
 
-def category(op: str) -> str:
-    name = op.removeprefix("aten::")
-    for what, words in CATEGORIES.items():
-        if any(w in name for w in words):
-            return what
-    return "other"
-
-
 def profile(args) -> dict:
     """Self CPU time per step by category, and wall time per step, for each model."""
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
+
+    from benchmarks.opt_levels import category
 
     torch.set_num_threads(args.threads)
     steps, graph = steps_for(args, runnable(args.spec, size_overrides(args.size), args.models))
@@ -554,8 +548,9 @@ def profile(args) -> dict:
         other = []
         for event in prof.key_averages():
             ms = event.self_cpu_time_total / 1e3 / args.runs
-            totals[category(event.key)] += ms
-            if category(event.key) == "other":
+            what = category(event.key, CATEGORIES)
+            totals[what] += ms
+            if what == "other":
                 other.append((ms, event.key))
         rows[name], others[name] = totals, sorted(other, reverse=True)[:5]
     print(header(args, graph, f"self CPU ms per training step (torch.profiler, mean of {args.runs})"))
