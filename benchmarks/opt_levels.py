@@ -42,9 +42,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def import_emitted(graph, path: Path):
+    """The torch module the emitter writes for `graph`, written to `path` (kept: tracebacks and torch.compile read
+    it) and imported under the file's name."""
+    import importlib.util
+
+    from dnc.targets.torch import emit as emit_torch
+
+    path.write_text(emit_torch.emit(graph))
+    loader = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(loader)
+    sys.modules[loader.name] = module
+    loader.loader.exec_module(module)
+    return module
+
+
 def models(spec_path: str, names: list[str]):
     """name -> model (float32, eval) for torchvision, torchvision_cl and each -O level; `NAME@DTYPE` builds NAME."""
-    import importlib.util
 
     import torch
 
@@ -52,7 +66,6 @@ def models(spec_path: str, names: list[str]):
     from dnc.ir.infer import state_dict_layout
     from dnc.ir.passes import select
     from dnc.pipeline import build
-    from dnc.targets.torch import emit as emit_torch
     from dnc.weights import seeded_state, to_torch
 
     spec, graph = build(spec_path)
@@ -69,12 +82,7 @@ def models(spec_path: str, names: list[str]):
         else:  # O0, O1, O2, or O2-<pass> (-O2 without that pass)
             level, _, off = base[1:].partition("-")
             _, g = build(spec_path, passes=select("torch", int(level), disable=[off] if off else []))
-            path = tmp / f"{name.replace('-', '_').replace('@', '_at_')}.py"
-            path.write_text(emit_torch.emit(g))
-            loader = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(loader)
-            sys.modules[loader.name] = module
-            loader.loader.exec_module(module)
+            module = import_emitted(g, tmp / f"{name.replace('-', '_').replace('@', '_at_')}.py")
             model = module.DenseNet()
             model.load_state_dict(state, strict=True)
         out[name] = model.eval()

@@ -110,20 +110,12 @@ def runnable(spec_path: str, overrides: list[str], names: list[str]) -> list[str
 
 def generated(spec_path: str, overrides: list[str], level: int, where: Path):
     """The module `dnc compile SPEC --target torch -O<level>` writes, emitted into `where` and imported."""
-    import importlib.util
-
+    from benchmarks.opt_levels import import_emitted
     from dnc.ir.passes import select
     from dnc.pipeline import build
-    from dnc.targets.torch import emit as emit_torch
 
     _, graph = build(spec_path, overrides, passes=select("torch", level))
-    path = where / f"dnc_train_{Path(spec_path).stem}_O{level}.py"
-    path.write_text(emit_torch.emit(graph))
-    loader = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(loader)
-    sys.modules[loader.name] = module
-    loader.loader.exec_module(module)
-    return module
+    return import_emitted(graph, where / f"dnc_train_{Path(spec_path).stem}_O{level}.py")
 
 
 def build_models(spec_path: str, names: list[str], overrides: list[str]):

@@ -39,6 +39,7 @@ from dnc.ir.graph import (
     ordered,
     replace_node,
     takes_pre,
+    units,
 )
 from dnc.ir.infer import infer_in_place
 from dnc.ir.settings import Settings
@@ -244,9 +245,6 @@ def _training_plan(graph: nx.DiGraph) -> tuple[list[Node], list[Node]] | None:
     """The batch norms that read a block's maps and the ops recomputed in backward, where the network has the form the
     training runtime fuses (ReLU activations, bottleneck or plain layers, transitions, norm5 and relu5); else None."""
     shared, recomputed = [], []
-    members: dict = {}
-    for n in ordered(graph):
-        members.setdefault(n.unit, []).append(n)
 
     def ops(chain: list[Node]) -> list[OpKind]:
         return [n.op for n in chain]
@@ -255,7 +253,7 @@ def _training_plan(graph: nx.DiGraph) -> tuple[list[Node], list[Node]] | None:
         convs = [n.attrs for n in chain if n.op is OpKind.CONV]
         return all(a.stride == 1 and a.kernel == 2 * a.padding + 1 and not a.bias for a in convs)
 
-    for unit, chain in members.items():
+    for unit, chain in units(graph).items():
         kind = unit.kind
         if kind is UnitKind.STEM:
             if ops(chain) == [OpKind.CONV, OpKind.BATCHNORM, OpKind.RELU, OpKind.MAXPOOL] and not chain[0].attrs.bias:
