@@ -142,6 +142,22 @@ def test_float64_gradients_and_running_statistics_equal_O0s(pair, memory_efficie
             assert torch.equal(got["state"][key], v), key
 
 
+@pytest.mark.parametrize("size", [36, 44])
+def test_odd_sized_transition_inputs_equal_O0s(tmp_path, size):
+    """The transition's pool backward runs fused (ReLU mask and 2x2 spread in one pass) on even maps and as torch's
+    ops on odd ones, whose last row and column the pool drops: 36 -> 9x9 and 44 -> 11x11 into the transition."""
+    o0, o1 = compile_pair(tmp_path, BOTTLENECK.replace("[32, 32]", f"[{size}, {size}]"))
+    m0, m1 = build(o0), build(o1)
+    m1.load_state_dict(m0.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(2, 3, size, size, generator=g, dtype=torch.float64), torch.tensor([0, 4])
+    assert m1.features.fused_reason(x.requires_grad_()) is None
+    ref, got = step(m0, x, y), step(m1, x, y)
+    assert rel(got["input"], ref["input"]) <= 1e-12
+    for key, grad in ref["grads"].items():
+        assert rel(got["grads"][key], grad) <= 1e-9, key
+
+
 @pytest.mark.parametrize("memory_format", ["auto", "input"])
 def test_float32_error_at_most_twice_O0s(pair, memory_format):
     """Against float64 -O0, -O1 in float32 is at most twice as far off as -O0 in float32 (batch statistics by
