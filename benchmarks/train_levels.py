@@ -18,7 +18,14 @@ run interleaved, one step each per round, each round starting with the next mode
 inherits the allocator's and the caches' state), `--rounds` rounds; a model's time is the median of its steps,
 its speed-up a baseline's median over its own (>1 is faster). Quote numbers from at least 5 rounds. A probe
 before and after says whether other processes held the cores (a parallel op then waits a time slice for its
-threads, and every model's step stretches: measure on a quiet machine, or with --threads 1).
+threads, and every model's step stretches: measure on a quiet machine, or with --threads 1). glibc's malloc
+(`--malloc`): by default (`fixed`) the process runs with its mmap threshold fixed at 32 MiB, glibc's largest,
+and trimming off, for every model alike: with glibc's adaptive threshold, blocks below 32 MiB are mapped afresh
+and their pages faulted in again on every step by whichever model the threshold happened to settle against, and
+which one that was changed from run to run in one process (here: 6,300 faults and ~40 ms of system time per step
+for one model, none for the others, then another model in the next run; each model alone in its own process:
+torchvision channels_last 18,700 per step, -O1 one). `--malloc glibc` keeps glibc's adaptive threshold. Each
+model's median minor page faults per step are printed beside its time.
 `memory`: the peak RSS growth of one step (the first, after building model and optimizer and a no_grad warm-up
 forward of 2 samples) in a fresh process per model, glibc's mmap threshold fixed at 128 KiB and trimming
 at every free, so that RSS follows what is live; the high-water mark reset through /proc/self/clear_refs after
@@ -49,6 +56,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -259,6 +267,18 @@ def contention() -> float:
     return best[max(2, threads)] / best[1]
 
 
+MALLOC_FIXED = {"MALLOC_MMAP_THRESHOLD_": str(32 * MIB), "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+
+
+def malloc_setting() -> str:
+    fixed = " ".join(f"{k}={os.environ[k]}" for k in MALLOC_FIXED if k in os.environ)
+    return fixed or "glibc's adaptive mmap threshold"
+
+
+def faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def timing(args) -> dict:
     import torch
 
@@ -276,17 +296,20 @@ def timing(args) -> dict:
             compiled[name] = time.perf_counter() - start
     extra = warm(steps)
     times = {name: [] for name in steps}
+    faulted = {name: [] for name in steps}
     for r in range(args.rounds):
         for name, step in rotated(steps, r):
-            start = time.perf_counter()
+            before, start = faults(), time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
+            faulted[name].append(faults() - before)
     probes.append(contention())
     median = {name: statistics.median(t) for name, t in times.items()}
     what = f"training step (SGD momentum), median of {args.rounds} interleaved rounds"
     if args.compile:
         what = "torch.compile'd " + what
     print(header(args, graph, what))
+    print(f"malloc: {malloc_setting()}")
     n = max(2, args.threads)
     print(f"contention probe, a {n}-thread relu's time over a 1-thread one's (quiet: 1/{n}; busy: >1): ", end="")
     print(f"{probes[0]:.2f} before, {probes[1]:.2f} after")
@@ -298,13 +321,15 @@ def timing(args) -> dict:
     if args.rounds < 5:
         print(f"NOTE: {args.rounds} rounds: at least 5 for numbers to quote")
     bases = [b for b in BASELINES if b in median]
-    print("| model | median ms | [min-max] |" + "".join(f" {b}/this |" for b in bases))
-    print("| --- | ---: | ---: |" + " ---: |" * len(bases))
+    print("| model | median ms | [min-max] | page faults/step |" + "".join(f" {b}/this |" for b in bases))
+    print("| --- | ---: | ---: | ---: |" + " ---: |" * len(bases))
     for name, t in median.items():
         spread = f"[{min(times[name]) * 1e3:.0f}-{max(times[name]) * 1e3:.0f}]"
         ratios = "".join(f" {median[b] / t:.2f}x |" for b in bases)
-        print(f"| {name} | {t * 1e3:.0f} | {spread} |{ratios}")
+        print(f"| {name} | {t * 1e3:.0f} | {spread} | {statistics.median(faulted[name]):.0f} |{ratios}")
     return {
+        "malloc": malloc_setting(),
+        "minor_faults": faulted,
         "times_s": times,
         "median_s": median,
         "warm_up_extra_rounds": extra,
@@ -574,6 +599,12 @@ def main() -> None:
         help=f"{', '.join(BASES)}; NAME_me: memory_efficient; NAME_bf16: bfloat16 autocast",
     )
     parser.add_argument("--compile", action="store_true", help="time: each model under torch.compile")
+    parser.add_argument(
+        "--malloc",
+        choices=["fixed", "glibc"],
+        default="fixed",
+        help="time: glibc's mmap threshold fixed for all models (default), or glibc's adaptive one",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args()
     batch, models = DEFAULTS[args.mode]
@@ -586,6 +617,9 @@ def main() -> None:
             parser.error(str(err))
     if min(args.batch, args.threads, args.rounds, args.runs) < 1:
         parser.error("--batch, --threads, --rounds and --runs must be at least 1")
+    if args.mode == "time" and args.malloc == "fixed" and not any(k in os.environ for k in MALLOC_FIXED):
+        # glibc reads these at start-up only: run again with them set (set either yourself to choose other values)
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_FIXED})
     results = {"time": timing, "memory": memory, "depth": depth, "profile": profile}[args.mode](args)
     if args.json:
         import torch
