@@ -19,13 +19,15 @@ inherits the allocator's and the caches' state), `--rounds` rounds; a model's ti
 its speed-up a baseline's median over its own (>1 is faster). Quote numbers from at least 5 rounds. A probe
 before and after says whether other processes held the cores (a parallel op then waits a time slice for its
 threads, and every model's step stretches: measure on a quiet machine, or with --threads 1). glibc's malloc
-(`--malloc`): by default (`fixed`) the process runs with its mmap threshold fixed at 32 MiB, glibc's largest,
-and trimming off, for every model alike: with glibc's adaptive threshold, blocks below 32 MiB are mapped afresh
-and their pages faulted in again on every step by whichever model the threshold happened to settle against, and
-which one that was changed from run to run in one process (here: 6,300 faults and ~40 ms of system time per step
-for one model, none for the others, then another model in the next run; each model alone in its own process:
-torchvision channels_last 18,700 per step, -O1 one). `--malloc glibc` keeps glibc's adaptive threshold. Each
-model's median minor page faults per step are printed beside its time.
+(`--malloc`): by default (`fixed`) the process runs with mmap off and trimming off, for every model alike, so
+that after the warm-up no step faults a page in and the models compare on their computation. With glibc's
+defaults (`--malloc glibc`), blocks above its adaptive mmap threshold (at most 32 MiB) are mapped afresh and
+faulted in on every step: at batch 32 most of a step's large tensors (here 0.5-1.6 million faults per step,
+seconds of a step on this VM, the model that allocates less faulting less), and at batch 8 whichever model the
+threshold happened to settle against, which changed from run to run in one process (on an AMD EPYC: 6,300
+faults and ~40 ms of system time per step for one model, none for the others; each model alone in its own
+process: torchvision channels_last 18,700 per step, -O1 one). Each model's median minor page faults per step are printed beside its
+time.
 `memory`: the peak RSS growth of one step (the first, after building model and optimizer and a no_grad warm-up
 forward of 2 samples) in a fresh process per model, glibc's mmap threshold fixed at 128 KiB and trimming
 at every free, so that RSS follows what is live; the high-water mark reset through /proc/self/clear_refs after
@@ -267,7 +269,7 @@ def contention() -> float:
     return best[max(2, threads)] / best[1]
 
 
-MALLOC_FIXED = {"MALLOC_MMAP_THRESHOLD_": str(32 * MIB), "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+MALLOC_FIXED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}  # no mmap, no trim
 
 
 def malloc_setting() -> str:
@@ -603,7 +605,7 @@ def main() -> None:
         "--malloc",
         choices=["fixed", "glibc"],
         default="fixed",
-        help="time: glibc's mmap threshold fixed for all models (default), or glibc's adaptive one",
+        help="time: no mmap and no trimming for all models (default), or glibc's defaults",
     )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args()
