@@ -535,6 +535,7 @@ CATEGORIES = {
         "mean",
         "var",
         "rsqrt",
+        "clamp",
         "where",
         "fill",
         "zero",

@@ -14,6 +14,7 @@ No torch here.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -148,10 +149,19 @@ def node(graph: nx.DiGraph, scope: str) -> Node:
     return graph._node[scope]["node"]  # NOTE: networkx's node dict; its public view costs a call per lookup
 
 
+_PORT = operator.itemgetter("port")
+
+
 def inputs(graph: nx.DiGraph, scope: str) -> list[str]:
     """The node's inputs, in port order."""
     pred = graph._pred[scope]  # NOTE: networkx's own; a maximal spec's concats have half a million inputs in all
-    by_port = {edge["port"]: src for src, edge in pred.items()}
+    try:
+        ports = list(map(_PORT, pred.values()))  # NOTE: map runs in C
+    except KeyError:
+        ports = [edge.get("port") for edge in pred.values()]
+    if ports == list(range(len(ports))):  # edges stored in port order, as lowering adds them (map and == run in C)
+        return list(pred)
+    by_port = dict(zip(ports, pred, strict=True))
     try:  # ports are 0..n-1 in a verified IR: each input is at its port
         return [by_port[port] for port in range(len(pred))]
     except (KeyError, TypeError):

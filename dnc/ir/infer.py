@@ -13,7 +13,7 @@ from __future__ import annotations
 import networkx as nx
 
 from dnc.errors import ShapeError
-from dnc.ir.graph import Node, Shape, Tensor, copy, graph_input, input_nodes, ordered, replace_node
+from dnc.ir.graph import Node, Shape, Tensor, copy, graph_input, inputs, ordered, replace_node
 from dnc.ir.ops import RuleError
 from dnc.ir.verifier import check_structure, derive
 
@@ -32,19 +32,28 @@ def infer_in_place(graph: nx.DiGraph, every_node: bool = False) -> nx.DiGraph:
     computed again (the verifier re-derives every node after every pass all the same).
     """
     changed: set[str] = set()
+    shape: dict[str, Shape] = {}  # scope -> its shape so far: inputs come first in creation order
     for n in ordered(graph):
-        kept = n.shape is not None and n.tensors is not None and not changed.intersection(graph.pred[n.scope])
+        fresh = changed and _any_in(changed, graph._pred[n.scope])  # an input changed shape in this sweep
+        kept = n.shape is not None and n.tensors is not None and not fresh
         if kept and not every_node:
+            shape[n.scope] = n.shape
             continue
-        shapes = [src.shape for src in input_nodes(graph, n)]
+        shapes = list(map(shape.get, inputs(graph, n.scope)))  # NOTE: in C: concats have many inputs
         try:
             d = derive(n, shapes)
         except RuleError as err:
             raise _fail(graph, n, shapes, str(err)) from None
         if d.shape != n.shape:
             changed.add(n.scope)
+        shape[n.scope] = d.shape
         replace_node(graph, n.replace(shape=d.shape, tensors=d.tensors, params=d.params, macs=d.macs))
     return graph
+
+
+def _any_in(few: set[str], many) -> bool:
+    """Whether any of `few` is in `many` (a node's inputs): a lookup per element of the smaller side."""
+    return any(s in many for s in few) if len(few) < len(many) else not few.isdisjoint(many)
 
 
 def _fail(graph: nx.DiGraph, n: Node, shapes: list[Shape], message: str) -> ShapeError:

@@ -339,10 +339,11 @@ def _same(a: Attrs, shapes: list[Shape]) -> Shape:
 
 
 def _concat(a: NoAttrs, shapes: list[Shape]) -> Shape:
-    # NOTE: map and set run in C: a maximal spec's concats have half a million inputs in all
-    if set(map(len, shapes)) != {3}:
+    # NOTE: set and map run in C: a maximal spec's concats have half a million inputs in all (few distinct shapes)
+    distinct = set(shapes)
+    if set(map(len, distinct)) != {3}:
         raise RuleError("needs a C x H x W feature map")
-    if len({s[1:] for s in shapes}) != 1:
+    if len({s[1:] for s in distinct}) != 1:
         raise RuleError("joins feature maps of different spatial sizes")
     return (sum(map(operator.itemgetter(0), shapes)), *shapes[0][1:])
 

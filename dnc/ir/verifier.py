@@ -18,6 +18,7 @@ inputs (a concatenation costs its inputs); `inputs` sorts each node's edges by p
 from __future__ import annotations
 
 import functools
+import operator
 from dataclasses import dataclass
 
 import networkx as nx
@@ -29,7 +30,6 @@ from dnc.ir.graph import (
     UnitKind,
     commutes_with_affine,
     graph_input,
-    inputs,
     node,
     ordered,
     output,
@@ -86,9 +86,9 @@ def verify(graph: nx.DiGraph, *, inferred: bool = False) -> None:
     `inferred`: every node must carry its shape, tensors, params and MACs, each equal to
     what the op table derives from its inputs' carried shapes.
     """
-    check_structure(graph)
+    ins = _structure(graph)
     if inferred:
-        _check_inferred(graph)
+        _check_inferred(graph, ins)
 
 
 def _spans(ports: set[int]) -> tuple[int, int]:
@@ -97,7 +97,13 @@ def _spans(ports: set[int]) -> tuple[int, int]:
 
 def check_structure(graph: nx.DiGraph) -> None:
     """The invariants that need no inferred shapes (inference checks them before it starts)."""
+    _structure(graph)
+
+
+def _structure(graph: nx.DiGraph) -> dict[str, list[str]]:
+    """`check_structure`; returns each node's inputs in port order, read on the way."""
     orders: dict[str, int] = {}  # node -> creation order
+    ins: dict[str, list[str]] = {}
     seen: set[int] = set()
     for scope in graph:
         n = graph.nodes[scope].get("node")
@@ -109,7 +115,8 @@ def check_structure(graph: nx.DiGraph) -> None:
             raise IRError(f"{scope}: {n.op} carries {type(n.attrs).__name__}")
         if not isinstance(n.unit, Unit) or (n.op is OpKind.INPUT) != (n.unit.kind is UnitKind.INPUT):
             raise IRError(f"{scope}: {n.op} node in unit {n.unit!r}")
-        ports = [edge.get("port") for edge in graph._pred[scope].values()]  # NOTE: networkx's own dict, read once
+        pred = graph._pred[scope]  # NOTE: networkx's own dict, read once
+        ports = _ports(pred)
         arity = OPS[n.op].arity
         if (arity is None and not ports) or (arity is not None and len(ports) != arity):
             raise IRError(f"{scope}: {n.op.value} takes {arity or 'one or more'} inputs, has {len(ports)}")
@@ -117,14 +124,19 @@ def check_structure(graph: nx.DiGraph) -> None:
         if len(distinct) != len(ports) or set(map(type, distinct)) - {int} or _spans(distinct) != (0, len(ports) - 1):
             shown = sorted(p for p in ports if type(p) is int) + [p for p in ports if type(p) is not int]
             raise IRError(f"{scope}: input ports {shown} are not 0..n-1")
+        # ports are 0..n-1 here: the inputs in port order (usually the order the edges are stored in)
+        ins[scope] = (
+            list(pred) if ports == list(range(len(ports))) else [s for _, s in sorted(zip(ports, pred, strict=True))]
+        )
         if n.order in seen:
             raise IRError(f"{scope}: order {n.order} is not unique")
         seen.add(n.order)
         orders[scope] = n.order
     for scope, order in orders.items():  # creation order must be a topological order
-        for src in graph._pred[scope]:
-            if orders[src] >= order:
-                raise IRError(f"{scope}: input {src} does not come before it (order {order})")
+        pred = graph._pred[scope]
+        if pred and max(map(orders.__getitem__, pred)) >= order:  # NOTE: in C: concats have many inputs
+            src = next(src for src in pred if orders[src] >= order)
+            raise IRError(f"{scope}: input {src} does not come before it (order {order})")
     claimed: set[str] = set()
     for scope in graph:
         _check_pre(graph, node(graph, scope), claimed)
@@ -133,16 +145,28 @@ def check_structure(graph: nx.DiGraph) -> None:
         raise IRError(f"{orphans[0]}: a bn_clamp that no conv or linear takes as its pre")
     graph_input(graph)
     output(graph)
+    return ins
 
 
-def _check_inferred(graph: nx.DiGraph) -> None:
+def _ports(pred: dict) -> list:
+    """The port of each input edge, in the order stored; None where an edge has none."""
+    try:
+        return list(map(_PORT, pred.values()))  # NOTE: in C: a maximal spec's concats have half a million inputs
+    except KeyError:
+        return [edge.get("port") for edge in pred.values()]
+
+
+_PORT = operator.itemgetter("port")
+
+
+def _check_inferred(graph: nx.DiGraph, ins: dict[str, list[str]]) -> None:
     nodes = ordered(graph)
     for n in nodes:
         if n.shape is None or n.tensors is None or n.params is None or n.macs is None:
             raise IRError(f"{n.scope}: shape, tensors, params or MACs not inferred")
     shape = {n.scope: n.shape for n in nodes}
     for n in nodes:
-        shapes = [shape[src] for src in inputs(graph, n.scope)]
+        shapes = list(map(shape.__getitem__, ins[n.scope]))  # NOTE: in C: concats have many inputs
         try:
             want = derive(n, shapes)
         except RuleError as err:
