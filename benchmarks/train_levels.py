@@ -26,8 +26,8 @@ faulted in on every step: at batch 32 most of a step's large tensors (here 0.5-1
 seconds of a step on this VM, the model that allocates less faulting less), and at batch 8 whichever model the
 threshold happened to settle against, which changed from run to run in one process (on an AMD EPYC: 6,300
 faults and ~40 ms of system time per step for one model, none for the others; each model alone in its own
-process: torchvision channels_last 18,700 per step, -O1 one). Each model's median minor page faults per step are printed beside its
-time.
+process: torchvision channels_last 18,700 per step, -O1 one). Each model's median minor page faults per step
+are printed beside its time.
 `memory`: the peak RSS growth of one step (the first, after building model and optimizer and a no_grad warm-up
 forward of 2 samples) in a fresh process per model, glibc's mmap threshold fixed at 128 KiB and trimming
 at every free, so that RSS follows what is live; the high-water mark reset through /proc/self/clear_refs after
