@@ -71,6 +71,19 @@ def ruff(args: list[str], text: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, input=text, capture_output=True, text=True)
 
 
+@pytest.mark.parametrize("level", [1, 2])
+@pytest.mark.parametrize("name", ["densenet121", "densenet40_k12", "densenet_bc100_k12"])
+def test_every_level_emits_ruff_clean_code(name, level):
+    """-O1's training runtime and -O2's folded modules are generated code too: lint- and format-clean."""
+    from dnc.ir.passes import select
+
+    _, graph = build(spec_path(name).relative_to(ROOT), passes=select("torch", level))
+    text = emit_torch.emit(graph)
+    for args in (["check"], ["format", "--check"]):
+        result = ruff(args, text)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_a_shape_comment_that_does_not_fit_goes_above_its_line():
     code = emit_torch.Lines(8)
     code.add("x = 1", "(B, 3)")
