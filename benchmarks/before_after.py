@@ -48,10 +48,10 @@ def load(path: Path, tag: str):
     module = importlib.util.module_from_spec(loader)
     sys.modules[tag] = module
     loader.loader.exec_module(module)
-    builders = [v for k, v in vars(module).items() if k == path.stem and callable(v)]
-    if not builders:
+    builder = getattr(module, path.stem, None)
+    if not callable(builder):
         raise SystemExit(f"{path}: no builder function named {path.stem}")
-    return builders[0]()
+    return builder()
 
 
 def main() -> None:

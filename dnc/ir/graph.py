@@ -152,20 +152,26 @@ def node(graph: nx.DiGraph, scope: str) -> Node:
 _PORT = operator.itemgetter("port")
 
 
+def edge_ports(pred: dict) -> list:
+    """The port of each of a node's input edges (`graph._pred[scope]`), in the order stored; None where one has none."""
+    try:
+        return list(map(_PORT, pred.values()))  # NOTE: in C: a maximal spec's concats have half a million inputs in all
+    except KeyError:
+        return [edge.get("port") for edge in pred.values()]
+
+
+def in_port_order(pred: dict, ports: list) -> list[str]:
+    """A node's inputs sorted by their ports (`edge_ports(pred)`; 0..n-1 in a verified IR)."""
+    srcs = list(pred)
+    if ports == list(range(len(ports))):  # edges stored in port order, as lowering adds them (== runs in C)
+        return srcs
+    return [srcs[i] for i in sorted(range(len(srcs)), key=ports.__getitem__)]
+
+
 def inputs(graph: nx.DiGraph, scope: str) -> list[str]:
     """The node's inputs, in port order."""
-    pred = graph._pred[scope]  # NOTE: networkx's own; a maximal spec's concats have half a million inputs in all
-    try:
-        ports = list(map(_PORT, pred.values()))  # NOTE: map runs in C
-    except KeyError:
-        ports = [edge.get("port") for edge in pred.values()]
-    if ports == list(range(len(ports))):  # edges stored in port order, as lowering adds them (map and == run in C)
-        return list(pred)
-    by_port = dict(zip(ports, pred, strict=True))
-    try:  # ports are 0..n-1 in a verified IR: each input is at its port
-        return [by_port[port] for port in range(len(pred))]
-    except (KeyError, TypeError):
-        return [src for src, _ in sorted(pred.items(), key=lambda item: item[1]["port"])]
+    pred = graph._pred[scope]  # NOTE: networkx's own dict
+    return in_port_order(pred, edge_ports(pred))
 
 
 def input_nodes(graph: nx.DiGraph, n: Node) -> list[Node]:

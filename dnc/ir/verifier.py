@@ -18,7 +18,6 @@ inputs (a concatenation costs its inputs); `inputs` sorts each node's edges by p
 from __future__ import annotations
 
 import functools
-import operator
 from dataclasses import dataclass
 
 import networkx as nx
@@ -29,7 +28,9 @@ from dnc.ir.graph import (
     Unit,
     UnitKind,
     commutes_with_affine,
+    edge_ports,
     graph_input,
+    in_port_order,
     node,
     ordered,
     output,
@@ -116,7 +117,7 @@ def _structure(graph: nx.DiGraph) -> dict[str, list[str]]:
         if not isinstance(n.unit, Unit) or (n.op is OpKind.INPUT) != (n.unit.kind is UnitKind.INPUT):
             raise IRError(f"{scope}: {n.op} node in unit {n.unit!r}")
         pred = graph._pred[scope]  # NOTE: networkx's own dict, read once
-        ports = _ports(pred)
+        ports = edge_ports(pred)
         arity = OPS[n.op].arity
         if (arity is None and not ports) or (arity is not None and len(ports) != arity):
             raise IRError(f"{scope}: {n.op.value} takes {arity or 'one or more'} inputs, has {len(ports)}")
@@ -125,9 +126,7 @@ def _structure(graph: nx.DiGraph) -> dict[str, list[str]]:
             shown = sorted(p for p in ports if type(p) is int) + [p for p in ports if type(p) is not int]
             raise IRError(f"{scope}: input ports {shown} are not 0..n-1")
         # ports are 0..n-1 here: the inputs in port order (usually the order the edges are stored in)
-        ins[scope] = (
-            list(pred) if ports == list(range(len(ports))) else [s for _, s in sorted(zip(ports, pred, strict=True))]
-        )
+        ins[scope] = in_port_order(pred, ports)
         if n.order in seen:
             raise IRError(f"{scope}: order {n.order} is not unique")
         seen.add(n.order)
@@ -146,17 +145,6 @@ def _structure(graph: nx.DiGraph) -> dict[str, list[str]]:
     graph_input(graph)
     output(graph)
     return ins
-
-
-def _ports(pred: dict) -> list:
-    """The port of each input edge, in the order stored; None where an edge has none."""
-    try:
-        return list(map(_PORT, pred.values()))  # NOTE: in C: a maximal spec's concats have half a million inputs
-    except KeyError:
-        return [edge.get("port") for edge in pred.values()]
-
-
-_PORT = operator.itemgetter("port")
 
 
 def _check_inferred(graph: nx.DiGraph, ins: dict[str, list[str]]) -> None:
