@@ -22,7 +22,7 @@ threads, and every model's step stretches: measure on a quiet machine, or with -
 (`--malloc`): by default (`fixed`) the process runs with mmap off and trimming off, for every model alike, so
 that after the warm-up no step faults a page in and the models compare on their computation. With glibc's
 defaults (`--malloc glibc`), blocks above its adaptive mmap threshold (at most 32 MiB) are mapped afresh and
-faulted in on every step: at batch 32 most of a step's large tensors (here 0.5-1.6 million faults per step,
+faulted in on every step: at batch 32 most of a step's large tensors (here 0.5-1.7 million faults per step,
 seconds of a step on this VM, the model that allocates less faulting less), and at batch 8 whichever model the
 threshold happened to settle against, which changed from run to run in one process (on an AMD EPYC: 6,300
 faults and ~40 ms of system time per step for one model, none for the others; each model alone in its own
@@ -273,8 +273,9 @@ MALLOC_FIXED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}  
 
 
 def malloc_setting() -> str:
-    fixed = " ".join(f"{k}={os.environ[k]}" for k in MALLOC_FIXED if k in os.environ)
-    return fixed or "glibc's adaptive mmap threshold"
+    """glibc's malloc settings from the environment (any MALLOC_*, set by --malloc fixed or by hand)."""
+    chosen = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
+    return chosen or "glibc's defaults (adaptive mmap threshold)"
 
 
 def faults() -> int:
