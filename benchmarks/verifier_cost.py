@@ -3,8 +3,9 @@
 Four dense blocks of 512 layers (the `layers_per_block` and `layers` limits) make an IR of
 14,355 nodes and 539,666 edges, since a block's concatenations grow with the square of its
 layers. Prints the best of --runs CPU times (`time.process_time`, steadier than wall time on
-a shared machine) of lowering, inference, the structural checks alone, and the full check
-with every node re-derived from the op table; then the same for one spec at -O2.
+a shared machine) of lowering, inference, the structural checks alone, the full check
+with every node re-derived from the op table, and a check again of the same unchanged
+graph (what a pass that changes nothing costs); then the full check of one spec at -O2.
 
     python benchmarks/verifier_cost.py [--runs N] [--spec specs/densenet264.yaml]
 """
@@ -60,12 +61,14 @@ def main() -> None:
     t_lower, lowered = best(lambda: lower(spec), args.runs)
     t_infer, graph = best(lambda: infer(lowered), args.runs)
     t_structure, _ = best(lambda: check_structure(graph), args.runs)
-    t_verify, _ = best(lambda: verify(graph, inferred=True), args.runs)
+    t_verify, _ = best(lambda: verify(graph, inferred=True, full=True), args.runs)
+    t_again, _ = best(lambda: verify(graph, inferred=True), args.runs)
     size = f"{graph.number_of_nodes():,} nodes, {graph.number_of_edges():,} edges"
     print(f"maximal spec (4 blocks of 512 layers: {size}), CPU seconds, best of {args.runs}:")
     print(f"  lower {t_lower:.2f}  infer {t_infer:.2f}  check_structure {t_structure:.2f}  verify {t_verify:.2f}")
+    print(f"  verify again, nothing changed: {t_again:.2f} (each node's fields and edges compared with the last check)")
     _, graph = build(ROOT / args.spec, passes=select("torch", 2))
-    t_verify, _ = best(lambda: verify(graph, inferred=True), max(args.runs, 10))
+    t_verify, _ = best(lambda: verify(graph, inferred=True, full=True), max(args.runs, 10))
     size = f"{graph.number_of_nodes():,} nodes, {graph.number_of_edges():,} edges"
     print(f"{args.spec} at -O2 ({size}): verify {1000 * t_verify:.1f} ms CPU")
 

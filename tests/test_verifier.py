@@ -1,5 +1,6 @@
 """The verifier re-derives every node from the op table, inference names the node of a malformed IR, and
-verification costs the same per node and edge however deep the network. No torch."""
+verification costs the same per node and edge however deep the network; verifying a graph again checks what
+changed since, found by comparing, not by trusting the pass. No torch."""
 
 from __future__ import annotations
 
@@ -70,10 +71,14 @@ def test_the_first_stale_node_in_network_order_is_named(densenet121):
         verify(graph, inferred=True)
 
 
-def test_inputs_each_right_but_wrong_together_are_refused_naming_their_reader(densenet121):
+@pytest.mark.parametrize("verified_before", [False, True], ids=["fresh", "verified before"])
+def test_inputs_each_right_but_wrong_together_are_refused_naming_their_reader(densenet121, verified_before):
     """conv2 with stride 2, its shape, params and MACs re-derived: it agrees with the op table, but the
-    concatenation after it now joins 56x56 and 28x28 maps."""
+    concatenation after it now joins 56x56 and 28x28 maps. Verified before, the concat itself is unchanged:
+    it is checked again because what it reads changed shape."""
     graph = densenet121.copy()
+    if verified_before:
+        verify(graph, inferred=True)
     _conv_attrs(graph, CONV, stride=2)
     conv = node(graph, CONV)
     d = derive(conv, [node(graph, src).shape for src in inputs(graph, CONV)])
@@ -186,6 +191,52 @@ def test_verification_costs_the_same_per_node_and_edge_at_four_times_the_depth(w
     for layers in (6, 24):
         _, graph = build(write_spec(DEEP.format(layers), f"deep{layers}.yaml"))
         size = graph.number_of_nodes() + graph.number_of_edges()
-        per_item.append(_lines_run(lambda graph=graph: verify(graph, inferred=True)) / size)
+        per_item.append(_lines_run(lambda graph=graph: verify(graph, inferred=True, full=True)) / size)
         assert sum(n.op is OpKind.CONCAT for n in ordered(graph)) == 3 * layers
     assert per_item[1] <= 1.1 * per_item[0], per_item
+
+
+# -- verifying again checks what changed, found by comparison ----------------------------------------------
+
+
+def test_a_graph_verified_again_costs_what_changed_and_full_checks_everything(densenet121):
+    graph = densenet121.copy()
+    full = _lines_run(lambda: verify(graph, inferred=True))
+    again = _lines_run(lambda: verify(graph, inferred=True))
+    assert again < full / 3, (again, full)
+    assert _lines_run(lambda: verify(graph, inferred=True, full=True)) > full * 0.9
+    _set(graph, CONV, macs=2)  # one node changed: its checks run again
+    with pytest.raises(IRError, match=f"^{re.escape(CONV)}: .*carries 2 MACs"):
+        verify(graph, inferred=True)
+    with pytest.raises(IRError, match=f"^{re.escape(CONV)}: .*carries 2 MACs"):  # a failure keeps no snapshot
+        verify(graph, inferred=True)
+
+
+def test_a_record_changed_in_place_behind_the_verifier_is_caught(densenet121):
+    """A frozen record written through its __dict__ keeps its identity: the verifier compares the fields."""
+    graph = densenet121.copy()
+    _set(graph, CONV)  # a record of its own (a copied graph shares the fixture's records)
+    verify(graph, inferred=True)
+    node(graph, CONV).__dict__["shape"] = (16, 56, 56)
+    with pytest.raises(IRError, match=f"^{re.escape(CONV)}: conv on inputs 128x56x56 carries shape 16x56x56"):
+        verify(graph, inferred=True)
+
+
+def test_an_edge_port_changed_in_place_is_caught(densenet121):
+    """networkx's add_edge on an existing edge updates its data dict in place: the verifier reads every port."""
+    graph = densenet121.copy()
+    verify(graph, inferred=True)
+    cat = "features.denseblock1.denselayer3.cat"
+    graph.add_edge("features.pool0", cat, port=2)
+    with pytest.raises(IRError, match=rf"^{re.escape(cat)}: input ports \[1, 2, 2\] are not 0..n-1"):
+        verify(graph, inferred=True)
+
+
+def test_a_node_whose_order_alone_changed_is_checked_against_its_readers(densenet121):
+    """The reader is unchanged (same record, same edges); its input now comes after it in creation order."""
+    graph = densenet121.copy()
+    verify(graph, inferred=True)
+    reader = node(graph, "features.denseblock1.denselayer1.norm1")
+    _set(graph, "features.pool0", order=max(n.order for n in ordered(graph)) + 1)
+    with pytest.raises(IRError, match=rf"^{re.escape(reader.scope)}: input features.pool0 does not come before it"):
+        verify(graph, inferred=True)

@@ -10,14 +10,28 @@ inputs carry, and refuses any difference, naming the node and both values. So a 
 that edits a node after inference, or leaves a stale shape behind, is caught at the
 step that did it.
 
+Verifying a graph again costs what changed. A node's checks read only its record, its
+input edges and their ports, and its inputs' records; so after an inferred verification
+`verify` keeps a snapshot of each node's fields and edges (copies, compared by value: it
+trusts no pass to say what it touched), and the next `verify` of that graph runs the
+per-node checks and the re-derivation on every node where any of those differ, and on
+every reader of such a node. Each other node would get the very answer it got before.
+The checks that span the graph (unique orders, `pre` references and their channels,
+one input, one output) run over every node each time.
+
 Cost: O(V + E log E). Each node is visited once and applies its rules to its own
 inputs (a concatenation costs its inputs); `inputs` sorts each node's edges by port,
-`ordered` the nodes by creation order; no walk revisits the graph. No torch here.
+`ordered` the nodes by creation order; no walk revisits the graph. A repeated
+verification compares each node's fields and edges (in C) and checks the rest again.
+No torch here.
 """
 
 from __future__ import annotations
 
 import functools
+import operator
+import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import networkx as nx
@@ -31,8 +45,8 @@ from dnc.ir.graph import (
     edge_ports,
     graph_input,
     in_port_order,
+    inputs,
     node,
-    ordered,
     output,
     takes_pre,
 )
@@ -81,78 +95,148 @@ def _derived(op: OpKind, attrs, shape: Shape) -> Derived:
     return _derive(op, attrs, [shape])
 
 
-def verify(graph: nx.DiGraph, *, inferred: bool = False) -> None:
+def verify(graph: nx.DiGraph, *, inferred: bool = False, full: bool = False) -> None:
     """Check the IR's invariants; raise IRError naming the node that breaks one.
 
     `inferred`: every node must carry its shape, tensors, params and MACs, each equal to
-    what the op table derives from its inputs' carried shapes.
+    what the op table derives from its inputs' carried shapes. Unless `full`, a graph
+    verified before is checked again where it changed since (see the module's docstring).
     """
-    ins = _structure(graph)
-    if inferred:
-        _check_inferred(graph, ins)
+    before = _VERIFIED.pop(graph, None)  # a graph that fails keeps no snapshot
+    if not inferred:
+        _structure(graph, _Snapshot.edges_only(graph))
+        return
+    snapshot = _Snapshot.take(graph, None if full else before)
+    ins, pres = _structure(graph, snapshot)
+    _check_inferred(graph, ins)
+    _check_pre_channels(graph, pres)
+    _VERIFIED[graph] = snapshot
 
 
-def _spans(ports: set[int]) -> tuple[int, int]:
-    return (min(ports), max(ports)) if ports else (0, -1)
+@dataclass
+class _Snapshot:
+    """Each node's fields and input edges as last verified, and what must be checked again."""
+
+    fields: dict[str, dict]  # scope -> the record's fields (a copy)
+    edges: dict[str, tuple[list[str], list]]  # scope -> its inputs as stored, and their ports
+    todo: list[str]  # the nodes whose record is checked and re-derived, in graph order
+    rewired: set[str]  # nodes whose input edges or ports changed: their ports and order are checked
+    reordered: set[str]  # nodes whose order changed: they and each of their readers are checked for order
+
+    @staticmethod
+    def take(graph: nx.DiGraph, before: _Snapshot | None) -> _Snapshot:
+        fields, edges, changed, rewired, reshaped, reordered = {}, {}, set(), set(), set(), set()
+        old_fields, old_edges = (before.fields, before.edges) if before else ({}, {})
+        for scope, data in graph._node.items():  # NOTE: networkx's own dicts
+            rec = data.get("node")
+            now = rec.__dict__ if isinstance(rec, Node) else {"record": rec}
+            was = old_fields.get(scope)
+            if was != now:  # dict comparison, in C: unchanged values are the same objects
+                if was is None or was.get("shape") != now.get("shape"):
+                    reshaped.add(scope)  # what its readers' rules read
+                if was is None or was.get("order") != now.get("order"):
+                    reordered.add(scope)  # what its own and its readers' order checks read
+                was = dict(now)
+                changed.add(scope)
+            fields[scope] = was
+            pred = graph._pred[scope]
+            srcs, ports = list(pred), edge_ports(pred)  # NOTE: in C: a maximal spec's IR has 540,000 edges
+            was = old_edges.get(scope)
+            if was is None or was[0] != srcs or was[1] != ports:
+                was = (srcs, ports)
+                rewired.add(scope)
+            edges[scope] = was
+        if before is None:
+            todo = list(graph)
+        else:
+            pred = graph._pred
+            todo = [s for s in graph if s in changed or s in rewired or (reshaped and _reads(reshaped, pred[s]))]
+        return _Snapshot(fields, edges, todo, rewired, reordered)
+
+    @staticmethod
+    def edges_only(graph: nx.DiGraph) -> _Snapshot:
+        """Everything to check, and the edges to check it with (no fields: a structural check keeps no snapshot)."""
+        edges = {scope: (list(pred), edge_ports(pred)) for scope, pred in graph._pred.items()}
+        return _Snapshot({}, edges, list(graph), set(graph), set(graph))
+
+
+# graph -> its snapshot as last verified with shapes (weak: a snapshot lives as long as its graph)
+_VERIFIED: weakref.WeakKeyDictionary[nx.DiGraph, _Snapshot] = weakref.WeakKeyDictionary()
+
+
+def _reads(few: set[str], pred: dict) -> bool:
+    """Whether a node whose inputs are `pred` reads any of `few`: a lookup per element of the smaller side."""
+    return any(s in pred for s in few) if len(few) < len(pred) else not few.isdisjoint(pred)
 
 
 def check_structure(graph: nx.DiGraph) -> None:
     """The invariants that need no inferred shapes (inference checks them before it starts)."""
-    _structure(graph)
+    _structure(graph, _Snapshot.edges_only(graph))
 
 
-def _structure(graph: nx.DiGraph) -> dict[str, list[str]]:
-    """`check_structure`; returns each node's inputs in port order, read on the way."""
-    orders: dict[str, int] = {}  # node -> creation order
+def _structure(graph: nx.DiGraph, snapshot: _Snapshot) -> tuple[dict[str, list[str]], list[tuple[Node, Node]]]:
+    """`check_structure` of what `snapshot` says to check, and the graph-wide invariants; returns the inputs of
+    each node of `snapshot.todo`, in port order, and each node that has a `pre` with its BN_CLAMP."""
     ins: dict[str, list[str]] = {}
-    seen: set[int] = set()
-    for scope in graph:
-        n = graph.nodes[scope].get("node")
+    for scope in snapshot.todo:
+        n = graph._node[scope].get("node")  # NOTE: networkx's own dicts, read once
         if not isinstance(n, Node):
             raise IRError(f"{scope}: no Node record")
-        if n.scope != scope:
-            raise IRError(f"{scope}: node id differs from its path {n.scope!r}")
+        if n.scope != scope or ".".join(n.path) != scope:
+            raise IRError(f"{scope}: node id differs from its path {'.'.join(n.path)!r}")
         if not isinstance(n.op, OpKind) or n.op not in OPS or not isinstance(n.attrs, OPS[n.op].attrs):
             raise IRError(f"{scope}: {n.op} carries {type(n.attrs).__name__}")
         if not isinstance(n.unit, Unit) or (n.op is OpKind.INPUT) != (n.unit.kind is UnitKind.INPUT):
             raise IRError(f"{scope}: {n.op} node in unit {n.unit!r}")
-        pred = graph._pred[scope]  # NOTE: networkx's own dict, read once
-        ports = edge_ports(pred)
+        srcs, ports = snapshot.edges[scope]
         arity = OPS[n.op].arity
         if (arity is None and not ports) or (arity is not None and len(ports) != arity):
             raise IRError(f"{scope}: {n.op.value} takes {arity or 'one or more'} inputs, has {len(ports)}")
-        distinct = set(ports)  # NOTE: set, map, min and max run in C: a maximal spec's concats have 540,000 inputs
-        if len(distinct) != len(ports) or set(map(type, distinct)) - {int} or _spans(distinct) != (0, len(ports) - 1):
+        # NOTE: each test runs in C: a maximal spec's concats have 540,000 inputs
+        stored = ports == list(range(len(ports)))  # in port order, as lowering adds them
+        if scope in snapshot.rewired and (  # else its ports are the ones checked last time
+            set(map(type, ports)) - {int} or not (stored or sorted(ports) == list(range(len(ports))))
+        ):
             shown = sorted(p for p in ports if type(p) is int) + [p for p in ports if type(p) is not int]
             raise IRError(f"{scope}: input ports {shown} are not 0..n-1")
-        # ports are 0..n-1 here: the inputs in port order (usually the order the edges are stored in)
-        ins[scope] = in_port_order(pred, ports)
-        if n.order in seen:
-            raise IRError(f"{scope}: order {n.order} is not unique")
-        seen.add(n.order)
-        orders[scope] = n.order
-    for scope, order in orders.items():  # creation order must be a topological order
-        pred = graph._pred[scope]
+        ins[scope] = srcs if stored else in_port_order(graph._pred[scope], ports)
+    records = [data["node"] for data in graph._node.values()]  # each a Node: checked now or when last verified
+    orders = {n.scope: n.order for n in records}
+    if len(set(orders.values())) != len(orders):
+        seen: set[int] = set()
+        for scope, order in orders.items():
+            if order in seen:
+                raise IRError(f"{scope}: order {order} is not unique")
+            seen.add(order)
+    # creation order must be a topological order: checked where an edge or an order changed
+    if len(snapshot.todo) == len(graph):
+        topo: Iterable[str] = graph
+    else:
+        again = snapshot.rewired | snapshot.reordered
+        again |= {reader for src in snapshot.reordered for reader in graph._succ[src]}
+        topo = [s for s in graph if s in again]
+    for scope in topo:
+        pred, order = graph._pred[scope], orders[scope]
         if pred and max(map(orders.__getitem__, pred)) >= order:  # NOTE: in C: concats have many inputs
             src = next(src for src in pred if orders[src] >= order)
             raise IRError(f"{scope}: input {src} does not come before it (order {order})")
     claimed: set[str] = set()
-    for scope in graph:
-        _check_pre(graph, node(graph, scope), claimed)
-    orphans = sorted(s for s in graph if node(graph, s).op is OpKind.BN_CLAMP and s not in claimed)
+    pres = [(n, _check_pre(graph, n, claimed)) for n in records if n.op in _PRE_TAKERS and n.attrs.pre]
+    orphans = sorted(n.scope for n in records if n.op is OpKind.BN_CLAMP and n.scope not in claimed)
     if orphans:
         raise IRError(f"{orphans[0]}: a bn_clamp that no conv or linear takes as its pre")
     graph_input(graph)
     output(graph)
-    return ins
+    return ins, pres
 
 
 def _check_inferred(graph: nx.DiGraph, ins: dict[str, list[str]]) -> None:
-    nodes = ordered(graph)
+    """Re-derive the nodes of `ins` (in creation order) from their inputs' carried shapes."""
+    nodes = sorted((node(graph, scope) for scope in ins), key=operator.attrgetter("order"))
     for n in nodes:
         if n.shape is None or n.tensors is None or n.params is None or n.macs is None:
             raise IRError(f"{n.scope}: shape, tensors, params or MACs not inferred")
-    shape = {n.scope: n.shape for n in nodes}
+    shape = {scope: data["node"].shape for scope, data in graph._node.items()}
     for n in nodes:
         shapes = list(map(shape.__getitem__, ins[n.scope]))  # NOTE: in C: concats have many inputs
         try:
@@ -160,9 +244,15 @@ def _check_inferred(graph: nx.DiGraph, ins: dict[str, list[str]]) -> None:
         except RuleError as err:
             raise IRError(f"{n.scope}: {n.op.value} cannot take inputs {_shapes(shapes)}: {err}") from None
         _compare(n, want, shapes)
-        clamp = pre_clamp(graph, n)
-        if clamp is not None and shapes[0][0] != clamp.shape[0]:
-            raise IRError(f"{n.scope}: reads {shapes[0][0]} features, its pre {clamp.scope} has {clamp.shape[0]}")
+
+
+def _check_pre_channels(graph: nx.DiGraph, pres: list[tuple[Node, Node]]) -> None:
+    """Each node with a `pre` reads as many features as its BN_CLAMP has channels (every such node, every time:
+    the clamp lies a few nodes up, beyond what a node's own checks read)."""
+    for n, clamp in pres:
+        features = node(graph, inputs(graph, n.scope)[0]).shape[0]
+        if features != clamp.shape[0]:
+            raise IRError(f"{n.scope}: reads {features} features, its pre {clamp.scope} has {clamp.shape[0]}")
 
 
 def _compare(n: Node, want: Derived, shapes: list[Shape]) -> None:
@@ -199,9 +289,12 @@ def _shapes(shapes: list[Shape]) -> str:
     return ", ".join(_shape(s) for s in shapes) or "none"
 
 
+_PRE_TAKERS = frozenset({OpKind.CONV, OpKind.CONV_BN, OpKind.LINEAR})  # the ops whose attributes have a `pre`
+
+
 def pre_clamp(graph: nx.DiGraph, n: Node) -> Node | None:
     """The BN_CLAMP node whose batch norm `n` applies to its input first (ConvAttrs.pre), or None."""
-    pre = n.attrs.pre if n.op in (OpKind.CONV, OpKind.CONV_BN, OpKind.LINEAR) else ()
+    pre = n.attrs.pre if n.op in _PRE_TAKERS else ()
     if not pre:
         return None
     scope = ".".join((*n.path[:-1], *pre))
@@ -210,13 +303,11 @@ def pre_clamp(graph: nx.DiGraph, n: Node) -> Node | None:
     return node(graph, scope)
 
 
-def _check_pre(graph: nx.DiGraph, n: Node, claimed: set[str]) -> None:
-    """A `pre` reference: a BN_CLAMP reaching `n` along sole consumers through affine-commuting ops only.
+def _check_pre(graph: nx.DiGraph, n: Node, claimed: set[str]) -> Node:
+    """`n`'s `pre` reference: a BN_CLAMP reaching `n` along sole consumers through affine-commuting ops only.
 
     Each clamp is claimed once and its walk ends at its one taker, so the walks together cost O(V)."""
     clamp = pre_clamp(graph, n)
-    if clamp is None:
-        return
     if clamp.op is not OpKind.BN_CLAMP or clamp.scope in claimed:
         raise IRError(f"{n.scope}: pre {clamp.scope} is a {clamp.op.value} or another op's pre already")
     claimed.add(clamp.scope)
@@ -224,7 +315,8 @@ def _check_pre(graph: nx.DiGraph, n: Node, claimed: set[str]) -> None:
         raise IRError(f"{n.scope}: pads its input, so it cannot apply the batch norm of its pre {clamp.scope}")
     at = clamp
     while at.scope != n.scope:
-        succ = list(graph.succ[at.scope])
+        succ = list(graph._succ[at.scope])  # NOTE: networkx's own dict
         if len(succ) != 1 or (at is not clamp and not commutes_with_affine(at)):
             raise IRError(f"{n.scope}: {at.scope} lies between it and its pre {clamp.scope}")
         at = node(graph, succ[0])
+    return clamp
