@@ -266,3 +266,45 @@ def test_copy_is_what_networkx_copies_and_shares_nothing_mutable():
     new.graph["name"] = "other"
     assert "features.denseblock1.cat" in graph and graph.edges["features.conv0", "features.norm0"]["port"] == 0
     assert graph.graph["name"] == "densenet121"
+
+
+# -- passes infer what they change, and keep edges in port order ------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["densenet121", "densenet_bc100_k12", "tiny"])
+@pytest.mark.parametrize("level", [1, 2])
+def test_each_pass_infers_what_a_full_inference_gives_and_keeps_edges_in_port_order(spec, level, tiny):
+    """A pass re-infers only the nodes it changed and the readers of those that changed shape; the result must
+    be every record a full inference of the same graph gives. Rewired readers keep their edges stored in port
+    order (networkx would store a re-added edge last, and every later read would sort a concat's inputs)."""
+    from dnc.ir.graph import copy, edge_ports
+    from dnc.ir.infer import infer_in_place
+    from dnc.ir.passes import Rewrite
+
+    path = tiny if spec == "tiny" else ROOT / "specs" / f"{spec}.yaml"
+    graph = compile_spec(load_spec(path))
+    rewrites = [(name, step) for name, step in select("torch", level) if isinstance(step, Rewrite)]
+    assert rewrites
+    for name, step in rewrites:
+        graph = step.in_place(graph)
+        again = infer_in_place(copy(graph), every_node=True)
+        assert [node(graph, s) for s in graph] == [node(again, s) for s in again], name
+        for scope in graph:
+            pred = graph._pred[scope]
+            assert edge_ports(pred) == list(range(len(pred))), (name, scope)
+        verify(graph, inferred=True, full=True)
+
+
+def test_replace_input_keeps_each_reader_s_port_and_place():
+    from dnc.ir.graph import replace_input
+
+    graph = nx.DiGraph()
+    for port, src in enumerate("abc"):
+        graph.add_edge(src, "cat", port=port)
+    graph.add_edge("x", "y", port=0)
+    replace_input(graph, "b", "x")
+    assert list(graph.pred["cat"]) == ["a", "x", "c"]
+    assert [graph.edges[src, "cat"]["port"] for src in "axc"] == [0, 1, 2]
+    assert set(graph.succ["x"]) == {"y", "cat"} and not graph.succ["b"]
+    with pytest.raises(IRError, match="^cat: reads a and x; one edge may join them"):
+        replace_input(graph, "a", "x")

@@ -89,11 +89,11 @@ class Node:
     macs: int | None = None
     # a training pass chose to recompute in backward what this op's backward needs, instead of keeping it
     recomputed: bool = False
+    # the dotted module path: the node id, and the prefix of its state_dict keys (joined once: it is read often)
+    scope: str = dataclasses.field(init=False, repr=False, compare=False)
 
-    @property
-    def scope(self) -> str:
-        """The dotted module path: the node id, and the prefix of its state_dict keys."""
-        return ".".join(self.path)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scope", ".".join(self.path))
 
     @property
     def name(self) -> str:
@@ -116,10 +116,12 @@ class Node:
             raise TypeError(f"Node has no field {sorted(unknown)[0]!r}")
         new = object.__new__(Node)
         new.__dict__.update(self.__dict__, **changes)
+        if "path" in changes:
+            new.__dict__["scope"] = ".".join(new.path)
         return new
 
 
-_NODE_FIELDS = frozenset(f.name for f in dataclasses.fields(Node))
+_NODE_FIELDS = frozenset(f.name for f in dataclasses.fields(Node) if f.init)
 
 
 class IRError(AssertionError):
@@ -150,6 +152,7 @@ def node(graph: nx.DiGraph, scope: str) -> Node:
 
 
 _PORT = operator.itemgetter("port")
+_ORDER = operator.attrgetter("order")
 
 
 def edge_ports(pred: dict) -> list:
@@ -165,7 +168,10 @@ def in_port_order(pred: dict, ports: list) -> list[str]:
     srcs = list(pred)
     if ports == list(range(len(ports))):  # edges stored in port order, as lowering adds them (== runs in C)
         return srcs
-    return [srcs[i] for i in sorted(range(len(srcs)), key=ports.__getitem__)]
+    if len(srcs) == 1:
+        return srcs
+    # a rewired input is stored last: sorted and picked in C (a concat after pool_first has hundreds of inputs)
+    return list(operator.itemgetter(*sorted(range(len(srcs)), key=ports.__getitem__))(srcs))
 
 
 def inputs(graph: nx.DiGraph, scope: str) -> list[str]:
@@ -180,7 +186,7 @@ def input_nodes(graph: nx.DiGraph, n: Node) -> list[Node]:
 
 def ordered(graph: nx.DiGraph) -> list[Node]:
     """All nodes in a stable topological order: creation order, which `verify` checks is one."""
-    return sorted((data["node"] for _, data in graph.nodes(data=True)), key=lambda n: n.order)
+    return sorted([data["node"] for data in graph._node.values()], key=_ORDER)  # NOTE: networkx's own dict
 
 
 def units(graph: nx.DiGraph) -> dict[Unit, list[Node]]:
@@ -203,7 +209,8 @@ def stages(graph: nx.DiGraph) -> dict[str, list[Unit]]:
 def unit_output(graph: nx.DiGraph, members: list[Node]) -> Node:
     """The node of a unit that other units read: the one whose consumers lie outside it."""
     inside = {n.scope for n in members}
-    outs = [n for n in members if not graph.succ[n.scope] or any(s not in inside for s in graph.succ[n.scope])]
+    succ = graph._succ  # NOTE: networkx's own dict
+    outs = [n for n in members if not succ[n.scope] or any(s not in inside for s in succ[n.scope])]
     if len(outs) != 1:
         raise IRError(f"unit {members[0].unit} has {len(outs)} outputs: {[n.scope for n in outs]}")
     return outs[0]
@@ -216,14 +223,14 @@ def growth(graph: nx.DiGraph, members: list[Node]) -> int:
 
 def graph_input(graph: nx.DiGraph) -> Node:
     """The network's one INPUT node."""
-    found = [n for n in graph if graph.nodes[n]["node"].op is OpKind.INPUT]
+    found = [scope for scope, data in graph._node.items() if data["node"].op is OpKind.INPUT]  # NOTE: networkx's
     if len(found) != 1:
         raise IRError(f"expected one input node, found {sorted(found)}")
     return node(graph, found[0])
 
 
 def output(graph: nx.DiGraph) -> Node:
-    sinks = [n for n in graph if graph.out_degree(n) == 0]
+    sinks = [scope for scope, succ in graph._succ.items() if not succ]  # NOTE: networkx's own dict
     if len(sinks) != 1:
         raise IRError(f"expected one output node, found {sorted(sinks)}")
     return node(graph, sinks[0])
@@ -255,6 +262,24 @@ def takes_pre(n: Node) -> bool:
     return n.op is OpKind.LINEAR or (conv is not None and conv.padding == 0)
 
 
+def replace_input(graph: nx.DiGraph, old: str, new: str) -> None:
+    """Every reader of `old` reads `new` instead, at the same port and in the same place among its inputs.
+
+    networkx's add_edge would store the new edge last, and a concat whose edges are not stored in port order is
+    sorted on every read (`in_port_order`); so the reader's input dict is rebuilt in its order (in C)."""
+    succ, pred = graph._succ, graph._pred  # NOTE: networkx's own adjacency; networkx is pinned
+    for dst, edge in list(succ[old].items()):
+        inputs = pred[dst]
+        if new in inputs:
+            raise IRError(f"{dst}: reads {old} and {new}; one edge may join them")
+        srcs = list(inputs)
+        srcs[srcs.index(old)] = new
+        pred[dst] = dict(zip(srcs, inputs.values(), strict=True))  # the edge dicts stay: succ and pred share them
+        succ[new][dst] = edge
+        del succ[old][dst]
+    nx._clear_cache(graph)
+
+
 def replace_node(graph: nx.DiGraph, new: Node) -> None:
     graph._node[new.scope]["node"] = new
 
@@ -267,9 +292,10 @@ class Builder:
 
     def add(self, path: tuple[str, ...], op: OpKind, attrs: Attrs, unit: Unit, inputs: list[str], origin=None) -> str:
         n = Node(path=path, op=op, attrs=attrs, unit=unit, order=len(self.graph), origin=origin)
-        if n.scope in self.graph:
-            raise IRError(f"{n.scope}: added twice")
-        self.graph.add_node(n.scope, node=n)
+        scope = n.scope
+        if scope in self.graph:
+            raise IRError(f"{scope}: added twice")
+        self.graph.add_node(scope, node=n)
         for port, src in enumerate(inputs):
-            self.graph.add_edge(src, n.scope, port=port)
-        return n.scope
+            self.graph.add_edge(src, scope, port=port)
+        return scope

@@ -10,10 +10,12 @@ node, found by `verifier.check_structure` before any rule runs.
 
 from __future__ import annotations
 
+import heapq
+
 import networkx as nx
 
 from dnc.errors import ShapeError
-from dnc.ir.graph import Node, Shape, Tensor, copy, graph_input, inputs, ordered, replace_node
+from dnc.ir.graph import Node, Shape, Tensor, copy, graph_input, inputs, node, ordered, replace_node
 from dnc.ir.ops import RuleError
 from dnc.ir.verifier import check_structure, derive
 
@@ -27,33 +29,45 @@ def infer(graph: nx.DiGraph) -> nx.DiGraph:
 def infer_in_place(graph: nx.DiGraph, every_node: bool = False) -> nx.DiGraph:
     """`infer` on a graph the caller owns (a pass, on the copy it rewrote): fills it in and returns it.
 
-    Unless `every_node`, a node that is already inferred, and none of whose inputs changed shape in this sweep,
-    is kept as it is: a pass clears what it changes (passes._change), so only those nodes and what they feed are
-    computed again (the verifier re-derives every node after every pass all the same).
+    Unless `every_node`, only the nodes whose tensors a pass cleared (passes._change) are computed again, and
+    the readers of each one whose shape changed, in creation order: the cost follows the change, not the graph
+    (the verifier re-derives every node the pass touched, and every reader of one, from scratch all the same).
     """
-    changed: set[str] = set()
-    shape: dict[str, Shape] = {}  # scope -> its shape so far: inputs come first in creation order
-    for n in ordered(graph):
-        fresh = changed and _any_in(changed, graph._pred[n.scope])  # an input changed shape in this sweep
-        kept = n.shape is not None and n.tensors is not None and not fresh
-        if kept and not every_node:
-            shape[n.scope] = n.shape
+    if every_node:
+        shape: dict[str, Shape] = {}  # scope -> its shape: inputs come first in creation order
+        for n in ordered(graph):
+            shapes = list(map(shape.get, inputs(graph, n.scope)))  # NOTE: in C: concats have many inputs
+            shape[n.scope] = _infer_node(graph, n, shapes).shape
+        return graph
+    records = {scope: data["node"] for scope, data in graph._node.items()}  # NOTE: networkx's own dict
+    shape = {scope: n.shape for scope, n in records.items()}  # scope -> its shape so far
+    todo = [(n.order, scope) for scope, n in records.items() if n.shape is None or n.tensors is None]
+    heapq.heapify(todo)
+    done: set[str] = set()
+    while todo:
+        _, scope = heapq.heappop(todo)
+        if scope in done:
             continue
-        shapes = list(map(shape.get, inputs(graph, n.scope)))  # NOTE: in C: concats have many inputs
-        try:
-            d = derive(n, shapes)
-        except RuleError as err:
-            raise _fail(graph, n, shapes, str(err)) from None
-        if d.shape != n.shape:
-            changed.add(n.scope)
-        shape[n.scope] = d.shape
-        replace_node(graph, n.replace(shape=d.shape, tensors=d.tensors, params=d.params, macs=d.macs))
+        done.add(scope)
+        n = node(graph, scope)
+        shapes = list(map(shape.__getitem__, inputs(graph, scope)))  # NOTE: in C: concats have many inputs
+        shape[scope] = _infer_node(graph, n, shapes).shape
+        if shape[scope] != n.shape:  # its readers' rules now see another input
+            for reader in graph._succ[scope]:
+                heapq.heappush(todo, (node(graph, reader).order, reader))
     return graph
 
 
-def _any_in(few: set[str], many) -> bool:
-    """Whether any of `few` is in `many` (a node's inputs): a lookup per element of the smaller side."""
-    return any(s in many for s in few) if len(few) < len(many) else not few.isdisjoint(many)
+def _infer_node(graph: nx.DiGraph, n: Node, shapes: list[Shape]) -> Node:
+    """`n` with what the op table derives on inputs of `shapes`, put in its place; a rule that fails is the user's
+    ShapeError."""
+    try:
+        d = derive(n, shapes)
+    except RuleError as err:
+        raise _fail(graph, n, shapes, str(err)) from None
+    new = n.replace(shape=d.shape, tensors=d.tensors, params=d.params, macs=d.macs)
+    replace_node(graph, new)
+    return new
 
 
 def _fail(graph: nx.DiGraph, n: Node, shapes: list[Shape], message: str) -> ShapeError:

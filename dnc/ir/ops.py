@@ -19,6 +19,7 @@ convention); BN, ReLU and pooling count none. No torch here.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Callable
@@ -313,9 +314,9 @@ def _input(a: InputAttrs, shapes: list[Shape]) -> Shape:
     return (_channels(a.channels), a.height, a.width)
 
 
-def _conv_tensors(a: ConvAttrs, shapes: list[Shape]) -> list[Tensor]:
-    weight = Tensor("weight", (a.out_channels, shapes[0][0], a.kernel, a.kernel), Init.HE_NORMAL, True)
-    return [weight] + ([Tensor("bias", (a.out_channels,), Init.SMALL, True)] if a.bias else [])
+def _conv_tensors(a: ConvAttrs, shapes: list[Shape], onnx: bool = True) -> list[Tensor]:
+    weight = Tensor("weight", (a.out_channels, shapes[0][0], a.kernel, a.kernel), Init.HE_NORMAL, True, onnx)
+    return [weight] + ([Tensor("bias", (a.out_channels,), Init.SMALL, True, onnx)] if a.bias else [])
 
 
 def _conv_macs(a: ConvAttrs, shapes: list[Shape], out: Shape) -> int:
@@ -323,14 +324,20 @@ def _conv_macs(a: ConvAttrs, shapes: list[Shape], out: Shape) -> int:
 
 
 def _batchnorm_tensors(a: BatchNormAttrs, shapes: list[Shape]) -> list[Tensor]:
-    c = (shapes[0][0],)
-    return [  # ONNX BatchNormalization reads scale, B, mean, var in this order
+    return list(_norm_tensors(shapes[0][0]))
+
+
+@functools.lru_cache(maxsize=1024)
+def _norm_tensors(channels: int) -> tuple[Tensor, ...]:
+    # NOTE: kept: a maximal spec has thousands of batch norms of a few widths, each derived after every pass
+    c = (channels,)
+    return (  # ONNX BatchNormalization reads scale, B, mean, var in this order
         Tensor("weight", c, Init.GAMMA, True),
         Tensor("bias", c, Init.SMALL, True),
         Tensor("running_mean", c, Init.RUNNING_MEAN, False),
         Tensor("running_var", c, Init.RUNNING_VAR, False),
         Tensor("num_batches_tracked", (), Init.COUNT, False, onnx=False, integer=True),
-    ]
+    )
 
 
 def _same(a: Attrs, shapes: list[Shape]) -> Shape:
@@ -371,9 +378,17 @@ def _linear_tensors(a: LinearAttrs, shapes: list[Shape]) -> list[Tensor]:
 
 def _conv_bn_tensors(a: ConvBNAttrs, shapes: list[Shape]) -> list[Tensor]:
     # No ONNX node reads these: the ONNX emitter writes the folded weight and bias instead.
-    conv = [Tensor(t.name, t.shape, t.init, t.trainable, False, t.integer) for t in _conv_tensors(a.conv, shapes)]
-    norm = _batchnorm_tensors(a.bn, [(a.conv.out_channels,)])
-    return conv + [Tensor(t.name, t.shape, t.init, t.trainable, False, t.integer, a.norm) for t in norm]
+    return _conv_tensors(a.conv, shapes, onnx=False) + list(_folded_norm_tensors(a.bn, a.conv.out_channels, a.norm))
+
+
+@functools.lru_cache(maxsize=1024)
+def _folded_norm_tensors(bn: BatchNormAttrs, channels: int, norm: str) -> tuple[Tensor, ...]:
+    """A folded batch norm's tensors, kept under its own module `norm` (the same for every layer of a network: a
+    maximal spec folds thousands)."""
+    return tuple(
+        Tensor(t.name, t.shape, t.init, t.trainable, False, t.integer, norm)
+        for t in _batchnorm_tensors(bn, [(channels,)])
+    )
 
 
 def _buffer_concat(a: BufferAttrs, shapes: list[Shape]) -> Shape:

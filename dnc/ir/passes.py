@@ -37,6 +37,7 @@ from dnc.ir.graph import (
     inputs,
     node,
     ordered,
+    replace_input,
     replace_node,
     takes_pre,
     units,
@@ -100,22 +101,22 @@ def _rewrite(fn: Callable[[nx.DiGraph], nx.DiGraph]) -> Rewrite:
 
 
 def _change(graph: nx.DiGraph, n: Node, **changes) -> None:
-    """Replace `n` by a changed record whose shape, tensors and counts inference fills in again.
+    """Replace `n` by a changed record whose tensors and counts inference fills in again (and its shape, which
+    it keeps until then: inference compares the new shape with it to know whether its readers change too).
 
     Every node a pass changes or rewires goes through here: `infer_in_place` then recomputes it and what
-    reads it, and leaves the rest (the verifier re-derives every node after every pass anyway)."""
-    replace_node(graph, n.replace(**changes, shape=None, tensors=None, params=None, macs=None))
+    reads it, and leaves the rest (the verifier re-derives each of those, and each of their readers)."""
+    replace_node(graph, n.replace(**changes, tensors=None, params=None, macs=None))
 
 
 def _sole_consumer(graph: nx.DiGraph, n: Node) -> Node | None:
-    succ = list(graph.succ[n.scope])
+    succ = list(graph._succ[n.scope])  # NOTE: networkx's own dict
     return node(graph, succ[0]) if len(succ) == 1 else None
 
 
 def _bypass(graph: nx.DiGraph, dropped: Node, into: Node) -> None:
     """Remove `dropped`, whose one input is `into`; its consumers read `into` at the same ports."""
-    for dst, edge in list(graph.succ[dropped.scope].items()):
-        graph.add_edge(into.scope, dst, port=edge["port"])
+    replace_input(graph, dropped.scope, into.scope)
     graph.remove_node(dropped.scope)
 
 
@@ -130,15 +131,11 @@ def pool_first(graph: nx.DiGraph) -> nx.DiGraph:
         if not c.pointwise or p.padding != 0 or p.kernel != p.stride:
             continue  # only a pointwise conv commutes with a non-overlapping, unpadded pool
         (src,) = inputs(graph, n.scope)
-        consumers = list(graph.succ[pool.scope].items())
         graph.remove_edge(src, n.scope)
         graph.remove_edge(n.scope, pool.scope)
-        for dst, _ in consumers:
-            graph.remove_edge(pool.scope, dst)
+        replace_input(graph, pool.scope, n.scope)
         graph.add_edge(src, pool.scope, port=0)
         graph.add_edge(pool.scope, n.scope, port=0)
-        for dst, edge in consumers:
-            graph.add_edge(n.scope, dst, port=edge["port"])
         # creation order stays a topological order: the pool takes the conv's place
         _change(graph, pool, order=n.order)
         _change(graph, n, order=pool.order)
