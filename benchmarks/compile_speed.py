@@ -4,7 +4,13 @@ Runs the real command in a fresh subprocess several times (interpreter start and
 imports included) and prints min / median / max, next to the bare interpreter start
 and `import torch` for scale, then the emit stage alone, in process.
 
+With --against-validate: `dnc validate SPEC` and `dnc compile -O2 SPEC` interleaved, run by
+run, their medians and the ratio (the hostile-input bound: at most 2x). --maximal compiles
+the largest network the default limits allow (4 blocks of 512 layers, as
+benchmarks/verifier_cost.py) instead of SPEC.
+
     python benchmarks/compile_speed.py [SPEC] [--runs N]
+    python benchmarks/compile_speed.py --maximal --against-validate [--runs N]
 """
 
 from __future__ import annotations
@@ -36,12 +42,40 @@ def show(label: str, times: list[float]) -> None:
     print(f"{label:<42} min {min(ms):7.1f} ms   median {statistics.median(ms):7.1f} ms   max {max(ms):7.1f} ms")
 
 
+def against_validate(py: str, spec: str, out: Path, runs: int) -> None:
+    commands = {
+        "dnc validate": [py, "-m", "dnc", "validate", spec],
+        "dnc compile -O2": [py, "-m", "dnc", "compile", "-O2", "--target", "torch", spec, "-o", str(out)],
+    }
+    times: dict[str, list[float]] = {label: [] for label in commands}
+    for _ in range(runs):  # interleaved: the machine's drift falls on both alike
+        for label, cmd in commands.items():
+            times[label] += wall(cmd, 1)
+    print(f"{spec}, {runs} runs each, interleaved, {py}")
+    for label, ts in times.items():
+        show(label, ts)
+    validate, compile_ = (statistics.median(ts) for ts in times.values())
+    print(f"compile -O2 / validate: {compile_ / validate:.2f}x (medians)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("spec", nargs="?", default="specs/densenet264.yaml")
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--maximal", action="store_true", help="compile the maximal spec instead of SPEC")
+    parser.add_argument("--against-validate", action="store_true", help="compile -O2 against validate, interleaved")
     args = parser.parse_args()
     py = sys.executable
+    if args.maximal or args.against_validate:
+        with tempfile.TemporaryDirectory() as tmp:
+            spec = args.spec
+            if args.maximal:
+                from verifier_cost import MAXIMAL
+
+                spec = str(Path(tmp) / "maximal.yaml")
+                Path(spec).write_text(MAXIMAL)
+            against_validate(py, spec, Path(tmp) / "out", args.runs)
+        return
     with tempfile.TemporaryDirectory() as out:
         print(f"{args.runs} runs each, {py}")
         show("python -c pass", wall([py, "-c", "pass"], args.runs))

@@ -238,11 +238,17 @@ def fail(err: DncError) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="dnc")
-def main():
+@click.pass_context
+def main(ctx: click.Context):
     """dnc: compile declarative DenseNet specs to PyTorch and ONNX."""
     # NOTE: the imports above are long-lived; without this, each GC pass rescans them
     # while the IR is built, which costs more than building it.
     gc.freeze()
+    if ctx.invoked_subcommand != "verify" and gc.isenabled():
+        # the IR makes no reference cycles: the collector would only rescan what the pipeline pauses it for
+        # (pipeline.cycle_collector_paused) once it resumes; `verify` runs models, and keeps it
+        gc.disable()
+        ctx.call_on_close(gc.enable)  # the command may run in a longer process (click's test runner)
 
 
 @main.command()

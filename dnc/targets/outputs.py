@@ -33,7 +33,7 @@ import networkx as nx
 
 from dnc.errors import DncError, EmitError, Location
 from dnc.files import kind, spec_reference, work_tree
-from dnc.pipeline import build
+from dnc.pipeline import build, cycle_collector_paused
 from dnc.targets.provenance import MARK, RECORD_SCAN, made_by_dnc, read_record
 
 TMP_MARK = ".dnc-tmp-"
@@ -114,7 +114,8 @@ def plan_outputs(
             _, graph = build(display_path(spec_path), rec["set"], passes=chosen, **(policy or {}))
         if path in outputs:
             raise EmitError(f"{spec_path} and {sources[path]} both name the network '{graph.graph['name']}' ({path})")
-        outputs[path] = emit(graph, opts | out.recorded)
+        with cycle_collector_paused():
+            outputs[path] = emit(graph, opts | out.recorded)
         sources[path] = spec_path
     return outputs
 

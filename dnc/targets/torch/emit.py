@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import functools
 import json
 import keyword
 import math
@@ -186,11 +187,13 @@ def _constructor(m: Module) -> str:
 
 def _fresh_input(graph: nx.DiGraph, n: Node) -> bool:
     """A ReLU whose input is a fresh tensor that only it reads: it may then work in place."""
+    if n.op is not OpKind.RELU:
+        return False
     srcs = input_nodes(graph, n)
-    if n.op is not OpKind.RELU or len(srcs) != 1:
+    if len(srcs) != 1:
         return False
     form = OPS[srcs[0].op].torch
-    return form is not None and form.fresh and graph.out_degree(srcs[0].scope) == 1
+    return form is not None and form.fresh and len(graph._succ[srcs[0].scope]) == 1  # NOTE: networkx's own dict
 
 
 def _modules(graph: nx.DiGraph, n: Node, cin, cout=None, fresh: bool | None = None) -> tuple[Module, ...]:
@@ -202,6 +205,13 @@ def _modules(graph: nx.DiGraph, n: Node, cin, cout=None, fresh: bool | None = No
         fresh = _fresh_input(graph, n)
     conv1x1 = settings(graph).conv1x1
     return form.modules(n.attrs, TorchContext(_ident(n.name), cin, cout, fresh, conv1x1))
+
+
+@functools.lru_cache(maxsize=4096)
+def _classes(op: OpKind, attrs, name: str, fresh: bool, conv1x1: str) -> tuple[str, ...]:
+    """The classes of the modules a node of `op` makes (kept: a maximal spec has thousands of alike nodes)."""
+    modules = OPS[op].torch.modules(attrs, TorchContext(_ident(name), 1, 1, fresh, conv1x1))
+    return tuple(m.cls for m in modules)
 
 
 def _literal_modules(graph: nx.DiGraph, n: Node) -> tuple[Module, ...]:
@@ -593,12 +603,14 @@ def view(graph: nx.DiGraph, options: dict) -> dict:
     buffered = body["buffered"]
     tiled = ["BufferedDenseBlock"] * buffered + [c["name"] for c in class_views if c["tiled"]]
     tile_bytes = tile_bytes if tiled else 0
-    used = {m.cls for n in nodes if _is_module(n) for m in _modules(graph, n, 1, 1)}
+    conv1x1 = s.conv1x1
+    modules = [(n, _classes(n.op, n.attrs, n.name, _fresh_input(graph, n), conv1x1)) for n in nodes if _is_module(n)]
+    used = {cls for _, classes in modules for cls in classes}
     used |= {"_tile_size"} if tile_bytes else set()
     used |= {"_traced"} if buffered else set()
     used |= {"any_requires_grad"} if checkpointed else set()
     used |= {"fused_block"} if training else set()
-    kinds = {m.cls for n in nodes if _is_module(n) and n.path[0] == "features" for m in _modules(graph, n, 1, 1)}
+    kinds = {cls for n, classes in modules if n.path[0] == "features" for cls in classes}
     runtime = _runtime(used)
     channels_last = s.memory_format == "channels_last"
     frozen = inference_only(graph)
