@@ -142,6 +142,31 @@ def test_other_dtypes_fold_in_float32_or_wider(modules):
         assert torch.isfinite(got).all() and rel_err(got, want) <= tol, dtype
 
 
+@pytest.mark.parametrize("swap", [False, True], ids=["set data", "swap tensors"])
+def test_another_dtype_after_a_call_drops_the_folds_of_each_module_it_reaches(modules, swap):
+    """A conversion keeps each parameter object and its version (`_apply` sets `.data`, or with torch's
+    swap_module_params_on_conversion swaps every tensor in place, buffers too): the folds kept by the float32 call must
+    go all the same, also when the conversion is called on submodules one by one."""
+    o0, o2 = pair(modules)
+    assert same(o0, o2)  # float32 folds kept
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(swap)
+    try:
+        for child in o2.children():
+            child.double()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)
+    with torch.no_grad():
+        assert rel_err(o2(X.double()), o0.double()(X.double())) <= 1e-12
+    # a fold from the conv's own parameters and fixed tensors: only the conversion says the kept one is stale
+    conv = o2.features.conv0.float()
+    post = (torch.ones(conv.out_channels), torch.zeros(conv.out_channels))
+    with torch.no_grad():
+        assert conv.folded(post=post)[0].dtype == torch.float32
+        conv.half()
+        assert conv.folded(post=post)[0].dtype == torch.float16
+
+
 def test_training_is_refused_on_the_model_any_submodule_or_parameter(modules):
     o0, o2 = pair(modules)
     with pytest.raises(RuntimeError, match=REFUSED):

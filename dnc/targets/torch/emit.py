@@ -88,7 +88,18 @@ RUNTIME: dict[str, tuple[str, tuple[str, ...]]] = {
 # Names the generated module defines or imports: a network may not be called one of these.
 _TAKEN = {"re", "torch", "nn", "F", "Tensor", "OrderedDict", "DenseNet", "DenseBlock", "DenseLayer", "Transition"}
 _TAKEN |= {"PlainDenseLayer", "upgrade_state_dict", "build", "checkpoint", "BufferedDenseBlock", "Features"}
-_TAKEN |= {"Callable", "_wide", "_derived", "os", "time", "CONV1X1_POLICY", "conv1x1_choices"} | set(RUNTIME)
+_TAKEN |= {
+    "Callable",
+    "_wide",
+    "_derived",
+    "_VERSION",
+    "_KeepsFolds",
+    "operator",
+    "os",
+    "time",
+    "CONV1X1_POLICY",
+    "conv1x1_choices",
+} | set(RUNTIME)
 _TAKEN |= {"threading", "dataclass", "once_differentiable", "aten", "fused_input", "fused_stem", "fused_reason"}
 _TAKEN |= {"fused_dense_layer", "fused_transition", "fused_head"}
 
@@ -636,6 +647,7 @@ def view(graph: nx.DiGraph, options: dict) -> dict:
         "functional": (body["dropout"] and not frozen)
         or any(p in runtime for p in ("conv1x1", "folded_conv", "folded_linear", "training")),
         "callable": "fold_cache" in runtime,
+        "folds": "fold_cache" in runtime,
         "timing": "conv1x1" in runtime,  # the measured kernel choice reads the environment and a clock
         "sequential": body.get("sequential", ""),
         "fused": body.get("fused", ""),
