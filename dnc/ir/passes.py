@@ -224,7 +224,8 @@ def block_buffer(graph: nx.DiGraph) -> nx.DiGraph:
 def share_bn_stats(graph: nx.DiGraph) -> nx.DiGraph:
     """Training: each dense block's feature maps are normalised once per step, their batch statistics shared by every
     batch norm that reads them (each applies its own scale and shift and keeps its own running statistics); the
-    ReLU after such a norm and what it feeds are recomputed in backward, as are the stem's ReLU and max pool."""
+    ReLU after such a norm and what it feeds are recomputed in backward; the stem's ReLU keeps nothing (its max pool
+    keeps its output, where the ReLU's mask is read)."""
     # NOTE: exact in train mode (one map's statistics are the same for every reader) and in eval (each reader's own
     # running statistics: the runtime then runs the -O0 computation). All or nothing, as the runtime decides.
     plan = _training_plan(graph)
@@ -254,7 +255,9 @@ def _training_plan(graph: nx.DiGraph) -> tuple[list[Node], list[Node]] | None:
         kind = unit.kind
         if kind is UnitKind.STEM:
             if ops(chain) == [OpKind.CONV, OpKind.BATCHNORM, OpKind.RELU, OpKind.MAXPOOL] and not chain[0].attrs.bias:
-                recomputed += chain[2:]  # conv0's output (norm0's input) is what the stem keeps
+                # conv0's output (norm0's input) and the pool's output and indices are what the stem keeps: relu0's
+                # output is not kept (its mask is read at the pool's maxima, where it is the pooled value)
+                recomputed.append(chain[2])
         elif kind is UnitKind.DENSE_LAYER:
             body = [n for n in chain if n.op is not OpKind.CONCAT]
             core = [n.op for n in body if n.op is not OpKind.DROPOUT]

@@ -139,6 +139,14 @@ def _saved(graph: nx.DiGraph, recompute: set[str]) -> dict[str, int]:
                     keep(m, n, _numel(m) * FLOAT, key=f"{m.scope}#{saved.tag}")
                 continue
             tensor = sources[0] if saved.of == "input" else n
+            if saved.of == "input" and n.op is OpKind.MAXPOOL and sources[0].recomputed:
+                tensor = n  # a max pool after a ReLU that keeps nothing (-O1's stem) keeps its output instead
+            if saved.of == "input" and tensor.op is OpKind.INPUT and fused:
+                # the fused path runs channels_last on the CPU: the stem keeps its copy of an NCHW input (the caller's
+                # own input is not counted)
+                owner.setdefault(f"{tensor.scope}#channels_last", n.scope)
+                size.setdefault(f"{tensor.scope}#channels_last", _numel(tensor) * FLOAT)
+                continue
             if saved.itemsize:  # a companion the size of the tensor (indices, a mask), counted on its own
                 keep(n, n, _numel(tensor) * saved.itemsize, key=f"{n.scope}#{saved.tag}")
             else:
