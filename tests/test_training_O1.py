@@ -242,6 +242,36 @@ def test_syncbatchnorm_and_hooks_run_O0s_computation(pair):
     assert rel(flat(step(synced, x, y)["grads"]), flat(step(m0, x, y)["grads"])) <= 1e-12
 
 
+@pytest.mark.parametrize("frozen", ["stem and block 1", "block 2's first layer", "all but the head"])
+def test_frozen_parts_train_the_rest_as_O0(pair, frozen):
+    """Gradients for part of the network only (fine-tuning): a block whose maps need no gradient is skipped in
+    backward, one whose first layer is frozen still passes its maps' gradients through; the input needs none."""
+    name = pair[0]
+    m0, m1 = models(pair)
+    for model in (m0, m1):
+        for key, p in model.named_parameters():
+            p.requires_grad_(
+                {
+                    "stem and block 1": not key.startswith(
+                        ("features.conv0", "features.norm0", "features.denseblock1")
+                    ),
+                    "block 2's first layer": not key.startswith("features.denseblock2.denselayer1."),
+                    "all but the head": key.startswith("classifier"),
+                }[frozen]
+            )
+    x, y = batch(name)
+    assert m1.features.fused_reason(x) is None
+    got = []
+    for model in (m0, m1):
+        torch.manual_seed(7)
+        F.cross_entropy(model(x), y).backward()
+        got.append({k: p.grad for k, p in model.named_parameters()})
+    assert [k for k, g in got[1].items() if g is not None] == [k for k, g in got[0].items() if g is not None]
+    for key, g in got[0].items():
+        if g is not None:
+            assert rel(got[1][key], g) <= 1e-9, key
+
+
 def test_two_forwards_before_one_backward_retain_graph_and_no_double_backward(pair):
     name = pair[0]
     m0, m1 = models(pair)
