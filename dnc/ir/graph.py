@@ -87,7 +87,8 @@ class Node:
     tensors: tuple[Tensor, ...] | None = None  # state_dict entries, from the op table
     params: int | None = None
     macs: int | None = None
-    # a training pass chose to recompute in backward what this op's backward needs, instead of keeping it
+    # a training pass chose to keep nothing of this op for backward: what its backward needs is recomputed (or, for
+    # -O1's stem ReLU, read off the max pool's output at the maxima)
     recomputed: bool = False
     # the dotted module path: the node id, and the prefix of its state_dict keys (joined once: it is read often)
     scope: str = dataclasses.field(init=False, repr=False, compare=False)
