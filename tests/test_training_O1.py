@@ -10,6 +10,9 @@ modules in turn, and says why.
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import dnc_cli, import_file
@@ -270,6 +273,45 @@ def test_frozen_parts_train_the_rest_as_O0(pair, frozen):
     for key, g in got[0].items():
         if g is not None:
             assert rel(got[1][key], g) <= 1e-9, key
+
+
+FSDP2_POLICY = """\
+import sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+sys.path.insert(0, sys.argv[1])
+import importlib
+module = importlib.import_module(sys.argv[2])
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+x = torch.randn(2, 3, 32, 32)
+for policy in (None, MixedPrecisionPolicy(param_dtype=torch.bfloat16)):
+    model = module.DenseNet().train()
+    for m in model.modules():
+        if type(m).__name__ == "DenseLayer":
+            fully_shard(m, **({"mp_policy": policy} if policy else {}))
+    print(model.features.fused_reason(x))
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_casting_inputs_runs_the_modules_in_turn(tmp_path):
+    """FSDP2's mixed precision would hand each dense layer a bfloat16 copy of its block's buffer (the fused path
+    writes each layer's features into the buffer the next layer reads): -O1 then runs the modules in turn, saying why;
+    plain FSDP2 runs fused. One rank, in its own process (a process group is process-wide)."""
+    _, o1 = compile_pair(tmp_path, BOTTLENECK)
+    (tmp_path / "check.py").write_text(FSDP2_POLICY)
+    path = Path(o1.__file__)
+    out = subprocess.run(
+        [sys.executable, tmp_path / "check.py", path.parent, path.stem], capture_output=True, text=True, timeout=300
+    )
+    if out.returncode and "fully_shard" in out.stderr and "gloo" in out.stderr.lower():
+        pytest.skip(f"FSDP2 on CPU/gloo unavailable: {out.stderr.strip().splitlines()[-1]}")
+    assert out.returncode == 0, out.stderr
+    plain, mixed = out.stdout.strip().splitlines()[-2:]
+    assert plain == "None"
+    assert mixed == (
+        "denseblock1.denselayer1 is sharded by FSDP2 with a policy that casts its inputs: its block's buffer would be "
+        "copied"
+    )
 
 
 def test_two_forwards_before_one_backward_retain_graph_and_no_double_backward(pair):
