@@ -646,8 +646,7 @@ def view(graph: nx.DiGraph, options: dict) -> dict:
         "block_runtime": [f"torch/runtime/{snippet}.py.j2" for snippet in block_runtime],
         "functional": (body["dropout"] and not frozen)
         or any(p in runtime for p in ("conv1x1", "folded_conv", "folded_linear", "training")),
-        "callable": "fold_cache" in runtime,
-        "folds": "fold_cache" in runtime,
+        "folds": "fold_cache" in runtime,  # the fold cache imports operator and Callable
         "timing": "conv1x1" in runtime,  # the measured kernel choice reads the environment and a clock
         "sequential": body.get("sequential", ""),
         "fused": body.get("fused", ""),
