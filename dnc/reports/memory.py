@@ -144,8 +144,7 @@ def _saved(graph: nx.DiGraph, recompute: set[str]) -> dict[str, int]:
             if saved.of == "input" and tensor.op is OpKind.INPUT and fused:
                 # the fused path runs channels_last on the CPU: the stem keeps its copy of an NCHW input (the caller's
                 # own input is not counted)
-                owner.setdefault(f"{tensor.scope}#channels_last", n.scope)
-                size.setdefault(f"{tensor.scope}#channels_last", _numel(tensor) * FLOAT)
+                keep(n, n, _numel(tensor) * FLOAT, key=f"{tensor.scope}#channels_last")
                 continue
             if saved.itemsize:  # a companion the size of the tensor (indices, a mask), counted on its own
                 keep(n, n, _numel(tensor) * saved.itemsize, key=f"{n.scope}#{saved.tag}")
