@@ -385,6 +385,27 @@ def test_autocast_bfloat16_step(pair):
     assert errors[1] <= 2 * errors[0]
 
 
+def test_autocast_converts_no_more_feature_maps_than_O0(pair):
+    """Under autocast the fused path keeps its feature maps in the autocast dtype: the per-channel scales and shifts
+    meet them in it, so no op of its own copies a map to float32 and back (on the CPU an op on mixed dtypes does: it
+    made the bfloat16 step 2.2x slower). What it converts, -O0 converts too (autocast's casts: the input, the head).
+    (With memory_efficient, backward recomputes BN2 + ReLU as torch's kernel computed them in forward, from float32
+    scales: that recomputation converts its input.)"""
+    name = pair[0]
+    converted = []
+    for model in models(pair, torch.float32):
+        x, y = batch(name, torch.float32, n=5)  # a batch no convolution's weight has as its leading size
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            step(model, x, y)  # warm: the 1x1 kernel choice and the unit statistics are made once
+            with torch.profiler.profile(record_shapes=True) as prof:
+                step(model, x, y)
+        shapes = [e.input_shapes[0] for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes]
+        converted.append(sorted(s for s in shapes if len(s) == 4 and s[0] == x.shape[0]))  # (N, C, H, W): a map
+    o0, o1 = converted
+    extra = [s for s in o1 if s not in o0 or o1.count(s) > o0.count(s)]
+    assert not extra, f"-O1 converts feature maps -O0 does not: {extra[:5]}"
+
+
 @pytest.mark.slow
 def test_torch_compile_of_a_training_step(pair):
     """torch.compile traces the modules in turn (Inductor fuses them itself): the same step as -O0's compiled."""
