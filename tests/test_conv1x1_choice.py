@@ -115,15 +115,21 @@ def test_first_calls_alternate_then_the_faster_runs(monkeypatch):
 
 
 def test_where_torch_itself_calls_onednn_there_is_no_trial(monkeypatch):
+    """The same kernel either way: in eval it is called directly (no dispatch layers), in training through F.conv2d
+    (autograd records the convolution as at -O0)."""
     monkeypatch.setattr(conv_choice, "_torch_runs_onednn", lambda *args: True)
     ran = spy(monkeypatch)
     w, x = torch.randn(4, 8, 1, 1), torch.randn(16, 8, 5, 5)
     with torch.no_grad():
         for _ in range(3):
             torch.testing.assert_close(conv_choice.conv1x1(x, w, None), F.conv2d(x, w))
-    assert ran == ["conv2d"] * 3
-    (line,) = conv_choice.conv1x1_choices()
-    assert line.startswith("conv2d ") and line.endswith("eval: torch calls oneDNN itself")
+    assert ran == ["onednn"] * 3
+    w.requires_grad_()
+    for _ in range(3):
+        torch.testing.assert_close(conv_choice.conv1x1(x, w, None), F.conv2d(x, w))
+    assert ran == ["onednn"] * 3 + ["conv2d"] * 3
+    assert [line.split()[0] for line in conv_choice.conv1x1_choices()] == ["onednn", "conv2d"]
+    assert all(line.endswith(": torch calls oneDNN itself") for line in conv_choice.conv1x1_choices())
 
 
 def test_torchs_backend_selection_is_read_right():

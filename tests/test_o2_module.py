@@ -175,6 +175,11 @@ def test_training_is_refused_on_the_model_any_submodule_or_parameter(modules):
     with pytest.raises(RuntimeError, match=REFUSED), torch.no_grad():
         o2(X)
     o2.eval()
+    _, deepest = max(o2.named_modules(), key=lambda item: item[0].count("."))
+    deepest.training = True  # one module deep in the tree alone
+    with pytest.raises(RuntimeError, match=REFUSED), torch.no_grad():
+        o2(X)
+    o2.eval()
     with pytest.raises(RuntimeError, match=REFUSED):
         o2.apply(lambda m: m.train())  # the model's own train() refuses, after the submodules apply() reached first
     with pytest.raises(RuntimeError, match=REFUSED), torch.no_grad():
