@@ -367,16 +367,17 @@ def test_torchscript_runs_the_modules_in_turn(pair):
     assert rel(got["loss"], ref["loss"]) <= 1e-12 and rel(got["input"], ref["input"]) <= 1e-12
 
 
-def test_autocast_bfloat16_step(pair):
-    """Under autocast the fused path casts as autocast would: its bfloat16 step is as far from float64 as -O0's
-    (at most twice) and every gradient keeps its parameter's dtype."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_step(pair, dtype):
+    """Under autocast the fused path casts as autocast would: its bfloat16 (or float16) step is as far from float64
+    as -O0's (at most twice) and every gradient keeps its parameter's dtype."""
     name = pair[0]
     reference = step(models(pair)[0], *batch(name))
     errors = []
     m0, m1 = models(pair, torch.float32)
     for model in (m0, m1):
         x, y = batch(name, torch.float32)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype):
             if model is m1:
                 assert model.features.fused_reason(x.requires_grad_()) is None
             got = step(model, x, y)
