@@ -85,21 +85,11 @@ RUNTIME: dict[str, tuple[str, tuple[str, ...]]] = {
     "Conv1x1": ("conv1x1_module", ("conv1x1",)),
     "fused_block": ("training", ()),  # with fused_input, fused_stem, fused_dense_layer, fused_transition, fused_head
 }
-# Names the generated module defines or imports: a network may not be called one of these.
+# Names the generated module defines or imports: a network may not be called one of these (nor any name with a
+# leading underscore, which `_network_name` refuses: the runtime's private helpers need no entry here).
 _TAKEN = {"re", "torch", "nn", "F", "Tensor", "OrderedDict", "DenseNet", "DenseBlock", "DenseLayer", "Transition"}
 _TAKEN |= {"PlainDenseLayer", "upgrade_state_dict", "build", "checkpoint", "BufferedDenseBlock", "Features"}
-_TAKEN |= {
-    "Callable",
-    "_wide",
-    "_derived",
-    "_VERSION",
-    "_KeepsFolds",
-    "operator",
-    "os",
-    "time",
-    "CONV1X1_POLICY",
-    "conv1x1_choices",
-} | set(RUNTIME)
+_TAKEN |= {"Callable", "operator", "os", "time", "CONV1X1_POLICY", "conv1x1_choices"} | set(RUNTIME)
 _TAKEN |= {"threading", "dataclass", "once_differentiable", "aten", "fused_input", "fused_stem", "fused_reason"}
 _TAKEN |= {"fused_dense_layer", "fused_transition", "fused_head"}
 
