@@ -109,6 +109,63 @@ def test_a_second_call_derives_nothing(modules):
     assert any(what == "scale_shift" for _, what in first)  # the handed-on scale and shift are kept too
 
 
+def test_a_call_that_found_nothing_changed_compares_no_fold_sources(modules, monkeypatch):
+    """The model checks every parameter and buffer once per call; a second call with nothing changed takes every fold
+    as kept, without one comparison of a fold's own sources (those were ~250 a densenet121 forward)."""
+    mods, _ = modules
+    o0, o2 = pair(modules)
+    compared = []
+    real = mods[2]._VERSION
+    monkeypatch.setattr(mods[2], "_VERSION", lambda t: compared.append(t) or real(t))
+    with torch.no_grad():
+        first = o2(X)  # the first call after a load derives (and compares)
+        assert compared
+        compared.clear()
+        second = o2(X)
+    # the one check of the whole model reads each tensor's version once; no fold reads any
+    assert len(compared) == len(list(o2.parameters())) + len(list(o2.buffers()))
+    assert torch.equal(first, second) and same(o0, o2)
+
+
+def test_the_checked_call_ends_with_the_call(modules):
+    """Outside a model's call (after it returned, or raised) a module's folds compare their sources again: a change in
+    place between calls is seen by a submodule called alone."""
+    o0, o2 = pair(modules)
+    block0, block2 = o0.features.denseblock2, o2.features.denseblock2
+    x = torch.randn(2, block2.denselayer1.norm1.num_features, 6, 5, generator=torch.Generator().manual_seed(4))
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        o2(X)
+        o2(X)  # a call that found nothing changed
+        for o in (o0, o2):
+            o.features.denseblock2.denselayer1.norm1.running_mean.add_(0.5)
+        assert rel_err(block2(x), block0(x)) <= 1e-5
+        with pytest.raises(ValueError, match="expects a batch of images"):
+            o2(X[0])  # refused before the call starts: and a call that raises ends too
+        original = o2.features.forward
+        o2.features.forward = lambda x: (_ for _ in ()).throw(KeyError("inside the call"))
+        with pytest.raises(KeyError):
+            o2(X)
+        del o2.features.forward
+        assert o2.features.forward == original
+        for o in (o0, o2):
+            o.features.denseblock2.denselayer1.conv1.weight.mul_(2)
+        assert rel_err(block2(x), block0(x)) <= 1e-5
+
+
+def test_a_fold_the_last_call_did_not_use_is_derived_again(modules):
+    """forward_blocks uses no classifier: after a change it runs with, the next forward's classifier still folds
+    the changed tensors (every fold is dropped when the model finds any tensor changed)."""
+    o0, o2 = pair(modules)
+    with torch.no_grad():
+        assert same(o0, o2)
+        for o in (o0, o2):
+            o.features.norm5.weight.mul_(-1.5)
+            o.classifier.bias.add_(1.0)
+        o2.forward_blocks(X)
+        assert same(o0, o2)
+
+
 def test_assign_loads_and_the_meta_device(modules):
     mods, _ = modules
     o0, _ = pair(modules, seed=3)
@@ -184,6 +241,12 @@ def test_training_is_refused_on_the_model_any_submodule_or_parameter(modules):
         o2.apply(lambda m: m.train())  # the model's own train() refuses, after the submodules apply() reached first
     with pytest.raises(RuntimeError, match=REFUSED), torch.no_grad():
         o2(X)  # those are in train mode now: every forward refuses until eval()
+    o2.eval()
+    deepest.training = True
+    with pytest.raises(RuntimeError, match=REFUSED), torch.no_grad():
+        o2.forward_blocks(X)  # every entry point refuses
+    with pytest.raises(RuntimeError, match=REFUSED), torch.no_grad():
+        o2.forward_features(X)
     o2.eval()
     assert same(o0, o2)
     with torch.no_grad():  # dropout (rate 0.3 here) never fires: the same numbers twice
