@@ -5,7 +5,9 @@ git worktree, run with that tree on PYTHONPATH) and with this checkout's, loads 
 torchvision's DenseNet with the same seeded weights (BN running statistics randomised too), and
 times them under no_grad, interleaved round by round (each round starting with the next model), each
 keeping its best median of `--calls` calls. Prints each model's time, after/before (>1: this checkout
-is faster) and each one's speed-up over torchvision, with the host. For bisecting a speed change
+is faster) and each one's speed-up over torchvision, with the host; and the same ratio taken within each
+round (before's median over after's, the two timed back to back), as the median and quartiles over the
+rounds: on a shared machine whose speed drifts between rounds, that one is the steadier. For bisecting a speed change
 between revisions (e.g. `python benchmarks/before_after.py 0cd2716^ --batch 1 --threads 2`); the
 revision must emit a module whose builder takes no arguments and loads torchvision's keys (every
 revision since -O levels exist does).
@@ -95,19 +97,23 @@ def main() -> None:
         x = torch.randn(args.batch, *graph_input(graph).shape, generator=torch.Generator().manual_seed(2))
         names = list(models)
         best = dict.fromkeys(names, float("inf"))
+        paired = []  # per round: before's median / after's
         with torch.no_grad():
             first = {name: model(x) for name, model in models.items()}
             for _ in range(8):  # warm-up, and the 1x1-convolution trials of modules that measure
                 for model in models.values():
                     model(x)
             for r in range(args.rounds):
+                median = {}
                 for name in names[r % len(names) :] + names[: r % len(names)]:
                     times = []
                     for _ in range(args.calls):
                         start = time.perf_counter()
                         models[name](x)
                         times.append(time.perf_counter() - start)
-                    best[name] = min(best[name], statistics.median(times))
+                    median[name] = statistics.median(times)
+                    best[name] = min(best[name], median[name])
+                paired.append(median["before"] / median["after"])
     ref = first[names[0]]
     print(f"{args.spec} -O{args.level}, batch {args.batch}, {args.threads} threads, torch {torch.__version__}")
     print(f"host: {host('cpu')}; before = {args.rev}, after = this checkout")
@@ -118,6 +124,8 @@ def main() -> None:
             line += f"  torchvision/this {best['torchvision'] / best[name]:.2f}x"
         print(line)
     print(f"after/before speed: {best['before'] / best['after']:.3f} (>1: this checkout is faster)")
+    low, mid, high = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
+    print(f"after/before within each round: median {mid:.3f}, quartiles {low:.3f}-{high:.3f} ({len(paired)} rounds)")
 
 
 if __name__ == "__main__":
