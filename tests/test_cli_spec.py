@@ -279,7 +279,7 @@ def test_echoed_text_is_cut_at_200_characters_a_word():
     assert line == (
         f"dnc: error: unknown pass '{'p' * 99}…(99,803 characters cut)…{'p' * 98}': "
         "expected one of pool_first, share_bn_stats, measure_1x1, fold_conv_bn, fuse_bn_relu, fold_preact_bn, "
-        "block_buffer, batch_tile, channels_last"
+        "block_buffer, batch_tile, pack_weights, channels_last"
     )
     spaced = one_error_line(dnc_cli("ir", "specs/densenet121.yaml", "--target", "x " * 50_000))
     assert len(spaced) <= 1000 and spaced.endswith("more characters)")

@@ -102,7 +102,8 @@ def test_a_second_call_derives_nothing(modules):
         }
 
     with torch.no_grad():
-        o2(X)
+        for _ in range(10):  # the kernel trials done (each tries oneDNN's kernel, packing its weight, and torch's)
+            o2(X)
         first = kept()
         o2(X)
     assert first and kept() == first

@@ -155,7 +155,7 @@ def test_O1_keeps_training(reference):
 
 def test_passes_are_per_target_and_named():
     assert [n for n, _ in select("onnx", 2)] == ["pool_first", "fold_conv_bn", "fuse_bn_relu"]
-    assert [n for n, _ in select("torch", 2, disable=["channels_last"])][-1] == "batch_tile"
+    assert [n for n, _ in select("torch", 2, disable=["channels_last"])][-1] == "pack_weights"
     assert select("torch", 0) == []
     # the training build's rewrite stops at -O1: -O2 folds every batch norm instead
     assert "share_bn_stats" in names(select("torch", 1)) and "share_bn_stats" not in names(select("torch", 2))
@@ -295,7 +295,12 @@ def test_cli_levels():
     listed = run_dnc("passes")
     assert listed.returncode == 0 and all(name in listed.stdout for name in PASSES)
     rewrites, settings_ = listed.stdout.split("settings (")
-    assert {p.name for p in PASSES.values() if p.kind == "setting"} == {"measure_1x1", "batch_tile", "channels_last"}
+    assert {p.name for p in PASSES.values() if p.kind == "setting"} == {
+        "measure_1x1",
+        "batch_tile",
+        "pack_weights",
+        "channels_last",
+    }
     assert all((name in settings_) == (PASSES[name].kind == "setting") for name in PASSES)
     o0 = run_dnc("summary", "specs/densenet121.yaml", "--format", "json")
     o2 = run_dnc("summary", "-O2", "specs/densenet121.yaml", "--format", "json")

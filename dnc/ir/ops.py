@@ -236,6 +236,7 @@ class TorchContext:
     cout: int | Code | None  # output channels of a conv, likewise
     fresh: bool = False  # the input is a fresh tensor only this op reads (a ReLU may then work in place)
     conv1x1: str = "torch"  # Settings.conv1x1: how 1x1 convs choose their kernel
+    packed: bool = False  # Settings.packed_weights: stride-1 kxk convs choose their kernel too
 
 
 @dataclass(frozen=True)
@@ -415,11 +416,15 @@ def _conv_args(a: ConvAttrs, ctx: TorchContext) -> tuple[Arg, ...]:
 
 
 def _conv_class(a: ConvAttrs, ctx: TorchContext, folded: bool) -> str:
-    """nn.Conv2d, or a runtime class: a folded conv (batch norms folded in), a 1x1 conv choosing its kernel."""
+    """nn.Conv2d, or a runtime class: a folded conv (batch norms folded in), a conv choosing its kernel."""
     own_kernel = a.pointwise and ctx.conv1x1 != "torch"
     if folded:
         return "FoldedConv1x1" if own_kernel else "FoldedConv2d"
-    return "Conv1x1" if own_kernel else "nn.Conv2d"
+    if own_kernel:
+        return "Conv1x1"
+    if ctx.packed and ctx.conv1x1 != "torch" and a.stride == 1:
+        return "ConvKxK"
+    return "nn.Conv2d"
 
 
 def _conv_modules(a: ConvAttrs, ctx: TorchContext) -> tuple[Module, ...]:

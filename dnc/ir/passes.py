@@ -317,6 +317,15 @@ measure_1x1 = Setting(
     "1x1 convolutions on the CPU choose oneDNN's kernel or torch's own on their first calls, timed where the model "
     "runs, per shape, dtype, thread count and mode (not when traced or scripted).",
 )
+# NOTE: torch reorders a weight into oneDNN's blocked layout on every call of its convolution (3.0 of 22.3 ms of a
+# densenet121 batch-1 forward); torch's private ops that Inductor's CPU path uses keep it. Eval only: they have no
+# autograd. Forced on for every conv of an -O2 module, batch 1 ran 1.05x on two threads but 0.96x on one (where
+# measure_1x1 keeps torch's GEMM): so it applies only where the chosen kernel is oneDNN's.
+pack_weights = Setting(
+    (("packed_weights", True),),
+    "In eval, convolutions that run oneDNN's kernel keep their weight in oneDNN's blocked layout between calls "
+    "(torch reorders it on every call); 3x3 convolutions choose their kernel as 1x1 ones do (with measure_1x1).",
+)
 channels_last = Setting(
     (("memory_format", "channels_last"),),
     "Run in the channels_last memory format (NHWC): the input is converted once, inside forward.",
@@ -336,6 +345,7 @@ PASSES: dict[str, PassInfo] = {
         PassInfo("fold_preact_bn", 2, frozenset({"torch"}), fold_preact_bn.doc, fold_preact_bn),
         PassInfo("block_buffer", 2, frozenset({"torch"}), block_buffer.doc, block_buffer),
         PassInfo("batch_tile", 2, frozenset({"torch"}), _tile_doc, batch_tile),
+        PassInfo("pack_weights", 2, frozenset({"torch"}), pack_weights.doc, pack_weights),
         PassInfo("channels_last", 2, frozenset({"torch"}), channels_last.doc, channels_last),
     )
 }

@@ -24,6 +24,8 @@ Conv1x1 = Literal["torch", "measured"]
 class Settings:
     memory_format: MemoryFormat = "contiguous"  # the layout the module runs in (its input converted inside forward)
     conv1x1: Conv1x1 = "torch"
+    # eval convolutions oneDNN runs keep its weight layout between calls; 3x3s choose their kernel too (with conv1x1)
+    packed_weights: bool = False
     batch_tile_bytes: int = 0  # dense blocks and transitions run batch tiles of at most this many bytes; 0: whole
 
     @property
@@ -41,6 +43,8 @@ class Settings:
             out.append(self.memory_format)
         if self.conv1x1 != "torch":
             out.append(f"1x1 conv kernels {self.conv1x1}")
+        if self.packed_weights:
+            out.append("conv weights packed for oneDNN")
         if self.batch_tile_bytes:
             out.append(f"batch tiles of {size_text(self.batch_tile_bytes)}")
         return out

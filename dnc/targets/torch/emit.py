@@ -83,6 +83,7 @@ RUNTIME: dict[str, tuple[str, tuple[str, ...]]] = {
     "FoldedConv1x1": ("folded_conv1x1", ("FoldedConv2d", "conv1x1")),
     "FoldedLinear": ("folded_linear", ("_eager",)),
     "Conv1x1": ("conv1x1_module", ("conv1x1",)),
+    "ConvKxK": ("conv_kxk_module", ("conv1x1", "_eager")),
     "fused_block": ("training", ()),  # with fused_input, fused_stem, fused_dense_layer, fused_transition, fused_head
 }
 # Names the generated module defines or imports: a network may not be called one of these (nor any name with a
@@ -204,14 +205,14 @@ def _modules(graph: nx.DiGraph, n: Node, cin, cout=None, fresh: bool | None = No
         raise EmitError(f"torch target: {n.scope}: a {n.op.value} is not a module here")
     if fresh is None:
         fresh = _fresh_input(graph, n)
-    conv1x1 = settings(graph).conv1x1
-    return form.modules(n.attrs, TorchContext(_ident(n.name), cin, cout, fresh, conv1x1))
+    s = settings(graph)
+    return form.modules(n.attrs, TorchContext(_ident(n.name), cin, cout, fresh, s.conv1x1, s.packed_weights))
 
 
 @functools.lru_cache(maxsize=4096)
-def _classes(op: OpKind, attrs, name: str, fresh: bool, conv1x1: str) -> tuple[str, ...]:
+def _classes(op: OpKind, attrs, name: str, fresh: bool, conv1x1: str, packed: bool) -> tuple[str, ...]:
     """The classes of the modules a node of `op` makes (kept: a maximal spec has thousands of alike nodes)."""
-    modules = OPS[op].torch.modules(attrs, TorchContext(_ident(name), 1, 1, fresh, conv1x1))
+    modules = OPS[op].torch.modules(attrs, TorchContext(_ident(name), 1, 1, fresh, conv1x1, packed))
     return tuple(m.cls for m in modules)
 
 
@@ -307,6 +308,7 @@ class UnitClass:
     signature: tuple
     steps: list[Step]  # from the first instance; dropout rates and channels are arguments
     conv1x1: str  # Settings.conv1x1
+    packed: bool  # Settings.packed_weights
     drop_slots: set[int] = field(default_factory=set)  # indices in `steps` after which dropout may run
     buffered: bool = False  # a dense layer that reads a view of its block buffer, not a list of features
 
@@ -326,7 +328,7 @@ class UnitClass:
         for s in self.steps:
             cout = Code(s.out_arg) if s.out_arg else None
             out += OPS[s.node.op].torch.modules(
-                s.node.attrs, TorchContext(_ident(s.node.name), channels, cout, s.fresh, self.conv1x1)
+                s.node.attrs, TorchContext(_ident(s.node.name), channels, cout, s.fresh, self.conv1x1, self.packed)
             )
             if s.out_arg:
                 channels = Code(s.out_arg)
@@ -360,7 +362,8 @@ class Classes:
             base = "Transition" if kind is UnitKind.TRANSITION else "DenseLayer"
             if kind is UnitKind.DENSE_LAYER and sum(conv_attrs(n) is not None for n in core) < 2:
                 base = "PlainDenseLayer"
-            cls = UnitClass(self.name(base), kind, sig, steps, settings(graph).conv1x1, buffered=buffered)
+            kernels = settings(graph).conv1x1, settings(graph).packed_weights
+            cls = UnitClass(self.name(base), kind, sig, steps, *kernels, buffered=buffered)
             self.all.append(cls)
         cls.drop_slots |= slots
         values = [f"in_channels={_int(in_channels)}"]
@@ -604,8 +607,8 @@ def view(graph: nx.DiGraph, options: dict) -> dict:
     buffered = body["buffered"]
     tiled = ["BufferedDenseBlock"] * buffered + [c["name"] for c in class_views if c["tiled"]]
     tile_bytes = tile_bytes if tiled else 0
-    conv1x1 = s.conv1x1
-    modules = [(n, _classes(n.op, n.attrs, n.name, _fresh_input(graph, n), conv1x1)) for n in nodes if _is_module(n)]
+    kernels = s.conv1x1, s.packed_weights
+    modules = [(n, _classes(n.op, n.attrs, n.name, _fresh_input(graph, n), *kernels)) for n in nodes if _is_module(n)]
     used = {cls for _, classes in modules for cls in classes}
     used |= {"_tile_size"} if tile_bytes else set()
     used |= {"_traced"} if buffered else set()
@@ -638,6 +641,7 @@ def view(graph: nx.DiGraph, options: dict) -> dict:
         or any(p in runtime for p in ("conv1x1", "folded_conv", "folded_linear", "training")),
         "folds": "fold_cache" in runtime,  # the fold cache imports operator and Callable
         "timing": "conv1x1" in runtime,  # the measured kernel choice reads the environment and a clock
+        "packed": s.packed_weights and "conv1x1" in runtime and "fold_cache" in runtime,  # oneDNN's weights kept, folds
         "sequential": body.get("sequential", ""),
         "fused": body.get("fused", ""),
         "training": training,

@@ -1,0 +1,176 @@
+"""Setting pack_weights (-O2): in eval, a convolution whose chosen kernel is oneDNN's keeps its weight in oneDNN's
+blocked layout between calls (torch reorders it on every call), and 3x3 convolutions choose their kernel as 1x1 ones
+do. The runtime of a generated -O2 module, exercised on its own and in the module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import pickle
+
+import pytest
+from conftest import import_file
+
+torch = pytest.importorskip("torch", exc_type=ImportError)
+F = torch.nn.functional
+
+from dnc.ir.infer import state_dict_layout  # noqa: E402
+from dnc.ir.passes import select  # noqa: E402
+from dnc.pipeline import build  # noqa: E402
+from dnc.targets.torch import emit as emit_torch  # noqa: E402
+from dnc.weights import seeded_state, to_torch  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch._C._has_mkldnn, reason="needs torch built with oneDNN")
+
+TINY = """\
+version: 1
+name: tiny
+input: {channels: 3, size: [32, 28]}
+growth_rate: 8
+bn_size: 2
+blocks: [2, 3]
+head: {classes: 5}
+"""
+
+
+@pytest.fixture(scope="module")
+def modules(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pack")
+    (tmp / "tiny.yaml").write_text(TINY)
+    out = {}
+    for level in (0, 2):
+        _, graph = build(tmp / "tiny.yaml", passes=select("torch", level))
+        (tmp / f"o{level}.py").write_text(emit_torch.emit(graph))
+        out[level] = import_file(tmp / f"o{level}.py", f"tiny_pack_{level}")
+    return out, to_torch(seeded_state(state_dict_layout(graph), seed=2))
+
+
+@pytest.fixture
+def rt(modules, monkeypatch):
+    """The -O2 module's runtime, its kernel choices forgotten."""
+    mod = modules[0][2]
+    for kept in (mod._decided, mod._trials, mod._times):
+        kept.clear()
+    monkeypatch.setattr(mod, "_PACKING", [True])
+    return mod
+
+
+def channels_last(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).contiguous(
+        memory_format=torch.channels_last
+    )
+
+
+def owner(rt, w):
+    """A module owning `w`, as the runtime's convolutions do (the packed weight is one of its folds)."""
+    conv = rt.ConvKxK(w.shape[1], w.shape[0], w.shape[2], padding=w.shape[2] // 2, bias=False)
+    conv.weight = torch.nn.Parameter(w, requires_grad=False)
+    return conv
+
+
+@pytest.mark.parametrize("kernel, padding", [(1, 0), (3, 1)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_weights_compute_onednns_convolution_bit_for_bit(rt, kernel, padding, bias):
+    x = channels_last(2, 16, 9, 7)
+    w = channels_last(8, 16, kernel, kernel, seed=1)
+    b = torch.randn(8) if bias else None
+    conv = owner(rt, w)
+    with torch.no_grad():
+        got = rt._packed(x, w, b, padding, conv)
+        assert torch.equal(got, torch.mkldnn_convolution(x, w, b, [padding, padding], [1, 1], [1, 1], 1))
+        torch.testing.assert_close(got, F.conv2d(x, w, b, 1, padding))
+        plain = x.contiguous()  # another layout, the same numbers
+        torch.testing.assert_close(rt._packed(plain, w, b, padding, conv), F.conv2d(plain, w, b, 1, padding))
+    assert rt._PACKING == [True] and list(conv._fold_cache) == ["packed"]
+
+
+def test_a_weight_is_packed_once_and_again_when_changed_or_converted(rt, monkeypatch):
+    reorders = []
+    reorder = torch._C._nn.mkldnn_reorder_conv2d_weight
+    monkeypatch.setattr(torch._C._nn, "mkldnn_reorder_conv2d_weight", lambda *a: reorders.append(1) or reorder(*a))
+    monkeypatch.setattr(rt, "CONV1X1_POLICY", "onednn")  # every call oneDNN's kernel, not a trial's alternation
+    x = channels_last(1, 16, 5, 5)
+    conv = owner(rt, channels_last(8, 16, 3, 3, seed=1))
+    with torch.no_grad():
+        for _ in range(3):
+            conv(x)
+        assert len(reorders) == 1
+        conv.weight.mul_(2)  # in place: its version moves
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, None, 1, 1))
+        assert len(reorders) == 2
+        conv.weight = torch.nn.Parameter(conv.weight * 3, requires_grad=False)  # another tensor
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, None, 1, 1))
+        assert len(reorders) == 3
+        conv.double()  # converted: its folds go, and float64 is never packed (oneDNN cannot run it: measured)
+        assert conv._fold_cache == {}
+        monkeypatch.setattr(rt, "CONV1X1_POLICY", "measure")
+        for _ in range(8):
+            torch.testing.assert_close(conv(x.double()), F.conv2d(x.double(), conv.weight, None, 1, 1))
+        assert len(reorders) == 3 and conv._fold_cache == {}
+
+
+def test_training_and_other_dtypes_never_pack(rt, monkeypatch):
+    packed = []
+    monkeypatch.setattr(rt, "_packed", lambda *args: packed.append(1))
+    x, w = channels_last(2, 16, 5, 5), channels_last(8, 16, 3, 3, seed=1).requires_grad_()
+    conv = owner(rt, w.detach())
+    out = rt._run("onednn", x, w, None, 1, conv)  # autograd records it: the plain oneDNN call
+    out.sum().backward()
+    assert w.grad is not None and packed == []
+    rt._run("onednn", x.clone().requires_grad_(), w.detach(), None, 1, conv)  # an input that records: likewise
+    assert packed == []
+    with torch.no_grad(), contextlib.suppress(RuntimeError):  # a CPU without bfloat16 may refuse it: no matter
+        rt._run("onednn", x.to(torch.bfloat16), w.detach().to(torch.bfloat16), None, 1, conv)
+    assert packed == []
+    with torch.no_grad():
+        rt._run("onednn", x, w.detach(), None, 1, None)  # no module to keep it in
+    assert packed == []
+    with torch.no_grad():
+        rt._run("onednn", x, w.detach(), None, 1, conv)
+    assert packed == [1]
+
+
+def test_where_the_private_ops_fail_the_plain_call_runs_from_then_on(rt, monkeypatch):
+    def gone(*args):
+        raise RuntimeError("no such op here")
+
+    real = torch._C._nn.mkldnn_reorder_conv2d_weight
+    monkeypatch.setattr(torch._C._nn, "mkldnn_reorder_conv2d_weight", gone)
+    x, w = channels_last(1, 16, 5, 5), channels_last(8, 16, 3, 3, seed=1)
+    conv = owner(rt, w)
+    with torch.no_grad():
+        torch.testing.assert_close(rt._run("onednn", x, w, None, 1, conv), F.conv2d(x, w, None, 1, 1))
+    assert rt._PACKING == [False]
+    monkeypatch.setattr(torch._C._nn, "mkldnn_reorder_conv2d_weight", real)  # back: still not tried again
+    with torch.no_grad():
+        rt._run("onednn", x, w, None, 1, conv)
+    assert "packed" not in conv._fold_cache
+
+
+def test_the_module_packs_where_onednn_runs_and_keeps_the_numbers(modules, rt, monkeypatch):
+    mods, state = modules
+    o0, o2 = mods[0].DenseNet().eval(), mods[2].DenseNet()
+    o0.load_state_dict(state)
+    o2.load_state_dict(state)
+    assert type(o2.features.denseblock1.denselayer1.conv2).__name__ == "ConvKxK"  # the 3x3s choose their kernel too
+    x = torch.randn(3, 3, 32, 28, generator=torch.Generator().manual_seed(5))
+    monkeypatch.setattr(rt, "CONV1X1_POLICY", "onednn")  # pinned: every chosen conv runs oneDNN's kernel
+    with torch.no_grad():
+        want = o0(x)
+        for _ in range(2):
+            got = o2(x)
+            assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+    convs = [m for m in o2.modules() if type(m).__name__ in ("ConvKxK", "FoldedConv1x1")]
+    assert len(convs) == 5 * 2 + 1 and all("packed" in m._fold_cache for m in convs)  # each layer's two, a transition's
+    monkeypatch.setattr(rt, "CONV1X1_POLICY", "measure")  # measured: each 3x3 shape decided apart from the 1x1s
+    with torch.no_grad():
+        for _ in range(8):
+            assert float((o2(x) - want).abs().max() / want.abs().max()) <= 1e-5
+    threes = [line for line in rt.conv1x1_choices() if ", 3, 3] padding 1 " in line]
+    assert len(threes) == 2  # one input shape per block
+    # oneDNN's packed tensors cannot be copied or pickled: a copy and a pickle derive their own
+    for other in (copy.deepcopy(o2), pickle.loads(pickle.dumps(o2))):
+        assert all(m._fold_cache == {} for m in other.modules() if hasattr(m, "_fold_cache"))
+        with torch.no_grad():
+            assert float((other(x) - want).abs().max() / want.abs().max()) <= 1e-5
