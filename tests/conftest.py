@@ -100,3 +100,19 @@ def import_file(path: Path, name: str | None = None):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def compile_levels(folder: Path, spec: str, levels: tuple[int, ...], tag: str):
+    """The spec text `spec` compiled for torch at each -O level in `levels` into `folder`, each module imported (as
+    `{tag}_{level}`): the modules by level, and the last level's graph."""
+    from dnc.ir.passes import select
+    from dnc.pipeline import build
+    from dnc.targets.torch import emit
+
+    (folder / "spec.yaml").write_text(spec)
+    modules = {}
+    for level in levels:
+        _, graph = build(folder / "spec.yaml", passes=select("torch", level))
+        (folder / f"o{level}.py").write_text(emit.emit(graph))
+        modules[level] = import_file(folder / f"o{level}.py", f"{tag}_{level}")
+    return modules, graph

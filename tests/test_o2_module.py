@@ -10,14 +10,11 @@ from __future__ import annotations
 import copy
 
 import pytest
-from conftest import import_file
+from conftest import compile_levels
 
 torch = pytest.importorskip("torch", exc_type=ImportError)
 
 from dnc.ir.infer import state_dict_layout  # noqa: E402
-from dnc.ir.passes import select  # noqa: E402
-from dnc.pipeline import build  # noqa: E402
-from dnc.targets.torch import emit as emit_torch  # noqa: E402
 from dnc.weights import seeded_state, to_torch  # noqa: E402
 
 TINY = """\
@@ -35,14 +32,8 @@ REFUSED = "compiled by dnc -O2 for inference only"
 
 @pytest.fixture(scope="module")
 def modules(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("o2")
-    (tmp / "tiny.yaml").write_text(TINY)
-    out = {}
-    for level in (0, 2):
-        _, graph = build(tmp / "tiny.yaml", passes=select("torch", level))
-        (tmp / f"o{level}.py").write_text(emit_torch.emit(graph))
-        out[level] = import_file(tmp / f"o{level}.py", f"tiny_o2_api_{level}")
-        LAYOUT.update(state_dict_layout(graph))
+    out, graph = compile_levels(tmp_path_factory.mktemp("o2"), TINY, (0, 2), "tiny_o2_api")
+    LAYOUT.update(state_dict_layout(graph))
     return out, graph
 
 

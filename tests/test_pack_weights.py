@@ -10,15 +10,12 @@ import copy
 import pickle
 
 import pytest
-from conftest import import_file
+from conftest import compile_levels
 
 torch = pytest.importorskip("torch", exc_type=ImportError)
 F = torch.nn.functional
 
 from dnc.ir.infer import state_dict_layout  # noqa: E402
-from dnc.ir.passes import select  # noqa: E402
-from dnc.pipeline import build  # noqa: E402
-from dnc.targets.torch import emit as emit_torch  # noqa: E402
 from dnc.weights import seeded_state, to_torch  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch._C._has_mkldnn, reason="needs torch built with oneDNN")
@@ -36,13 +33,7 @@ head: {classes: 5}
 
 @pytest.fixture(scope="module")
 def modules(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pack")
-    (tmp / "tiny.yaml").write_text(TINY)
-    out = {}
-    for level in (0, 2):
-        _, graph = build(tmp / "tiny.yaml", passes=select("torch", level))
-        (tmp / f"o{level}.py").write_text(emit_torch.emit(graph))
-        out[level] = import_file(tmp / f"o{level}.py", f"tiny_pack_{level}")
+    out, graph = compile_levels(tmp_path_factory.mktemp("pack"), TINY, (0, 2), "tiny_pack")
     return out, to_torch(seeded_state(state_dict_layout(graph), seed=2))
 
 
