@@ -265,6 +265,7 @@ WORKER = textwrap.dedent(
         for step in range(8 if rank == 0 else 0):              # evaluation on rank 0 only: local, no collective
             model.module(torch.randn(3, 8, 5, 5))
     print(json.dumps(conv_choice.conv1x1_choices()))
+    dist.barrier()  # both done before either tears gloo down (a rank leaving first made the other abort, rarely)
     dist.destroy_process_group()
     """
 )

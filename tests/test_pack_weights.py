@@ -73,14 +73,14 @@ def test_packed_weights_compute_onednns_convolution_bit_for_bit(rt, kernel, padd
         torch.testing.assert_close(got, F.conv2d(x, w, b, 1, padding))
         plain = x.contiguous()  # another layout, the same numbers
         torch.testing.assert_close(rt._packed(plain, w, b, padding, conv), F.conv2d(plain, w, b, 1, padding))
-    assert rt._PACKING == [True] and list(conv._fold_cache) == ["packed"]
+    assert rt._PACKING == [True] and list(conv._fold_cache) == ["packed (2, 16, 9, 7)"]  # one layout per input shape
 
 
 def test_a_weight_is_packed_once_and_again_when_changed_or_converted(rt, monkeypatch):
     reorders = []
     reorder = torch._C._nn.mkldnn_reorder_conv2d_weight
     monkeypatch.setattr(torch._C._nn, "mkldnn_reorder_conv2d_weight", lambda *a: reorders.append(1) or reorder(*a))
-    monkeypatch.setattr(rt, "CONV1X1_POLICY", "onednn")  # every call oneDNN's kernel, not a trial's alternation
+    monkeypatch.setattr(rt, "CONV1X1_POLICY", "packed")  # every call the packed kernel, not a trial's alternation
     x = channels_last(1, 16, 5, 5)
     conv = owner(rt, channels_last(8, 16, 3, 3, seed=1))
     with torch.no_grad():
@@ -106,19 +106,22 @@ def test_training_and_other_dtypes_never_pack(rt, monkeypatch):
     monkeypatch.setattr(rt, "_packed", lambda *args: packed.append(1))
     x, w = channels_last(2, 16, 5, 5), channels_last(8, 16, 3, 3, seed=1).requires_grad_()
     conv = owner(rt, w.detach())
-    out = rt._run("onednn", x, w, None, 1, conv)  # autograd records it: the plain oneDNN call
+    out = rt._run("packed", x, w, None, 1, conv)  # autograd records it: the plain oneDNN call
     out.sum().backward()
     assert w.grad is not None and packed == []
-    rt._run("onednn", x.clone().requires_grad_(), w.detach(), None, 1, conv)  # an input that records: likewise
+    rt._run("packed", x.clone().requires_grad_(), w.detach(), None, 1, conv)  # an input that records: likewise
     assert packed == []
     with torch.no_grad(), contextlib.suppress(RuntimeError):  # a CPU without bfloat16 may refuse it: no matter
-        rt._run("onednn", x.to(torch.bfloat16), w.detach().to(torch.bfloat16), None, 1, conv)
+        rt._run("packed", x.to(torch.bfloat16), w.detach().to(torch.bfloat16), None, 1, conv)
     assert packed == []
     with torch.no_grad():
-        rt._run("onednn", x, w.detach(), None, 1, None)  # no module to keep it in
+        rt._run("packed", x, w.detach(), None, 1, None)  # no module to keep it in
     assert packed == []
     with torch.no_grad():
-        rt._run("onednn", x, w.detach(), None, 1, conv)
+        rt._run("onednn", x, w.detach(), None, 1, conv)  # the plain kernel: never packed
+    assert packed == []
+    with torch.no_grad():
+        rt._run("packed", x, w.detach(), None, 1, conv)
     assert packed == [1]
 
 
@@ -131,12 +134,12 @@ def test_where_the_private_ops_fail_the_plain_call_runs_from_then_on(rt, monkeyp
     x, w = channels_last(1, 16, 5, 5), channels_last(8, 16, 3, 3, seed=1)
     conv = owner(rt, w)
     with torch.no_grad():
-        torch.testing.assert_close(rt._run("onednn", x, w, None, 1, conv), F.conv2d(x, w, None, 1, 1))
+        torch.testing.assert_close(rt._run("packed", x, w, None, 1, conv), F.conv2d(x, w, None, 1, 1))
     assert rt._PACKING == [False]
     monkeypatch.setattr(torch._C._nn, "mkldnn_reorder_conv2d_weight", real)  # back: still not tried again
     with torch.no_grad():
-        rt._run("onednn", x, w, None, 1, conv)
-    assert "packed" not in conv._fold_cache
+        rt._run("packed", x, w, None, 1, conv)
+    assert conv._fold_cache == {}
 
 
 def test_the_module_packs_where_onednn_runs_and_keeps_the_numbers(modules, rt, monkeypatch):
@@ -146,20 +149,23 @@ def test_the_module_packs_where_onednn_runs_and_keeps_the_numbers(modules, rt, m
     o2.load_state_dict(state)
     assert type(o2.features.denseblock1.denselayer1.conv2).__name__ == "ConvKxK"  # the 3x3s choose their kernel too
     x = torch.randn(3, 3, 32, 28, generator=torch.Generator().manual_seed(5))
-    monkeypatch.setattr(rt, "CONV1X1_POLICY", "onednn")  # pinned: every chosen conv runs oneDNN's kernel
+    monkeypatch.setattr(rt, "CONV1X1_POLICY", "packed")  # pinned: every chosen conv runs the packed kernel
     with torch.no_grad():
         want = o0(x)
         for _ in range(2):
             got = o2(x)
             assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
     convs = [m for m in o2.modules() if type(m).__name__ in ("ConvKxK", "FoldedConv1x1")]
-    assert len(convs) == 5 * 2 + 1 and all("packed" in m._fold_cache for m in convs)  # each layer's two, a transition's
+    packs = [[k for k in m._fold_cache if k.startswith("packed ")] for m in convs]
+    assert len(convs) == 5 * 2 + 1 and all(len(k) == 1 for k in packs)  # each layer's two, a transition's
     monkeypatch.setattr(rt, "CONV1X1_POLICY", "measure")  # measured: each 3x3 shape decided apart from the 1x1s
     with torch.no_grad():
         for _ in range(8):
             assert float((o2(x) - want).abs().max() / want.abs().max()) <= 1e-5
     threes = [line for line in rt.conv1x1_choices() if ", 3, 3] padding 1 " in line]
     assert len(threes) == 2  # one input shape per block
+    # each measured against the plain oneDNN call, and torch's own where torch does not run oneDNN itself
+    assert all("onednn " in line and "packed " in line for line in rt.conv1x1_choices())
     # oneDNN's packed tensors cannot be copied or pickled: a copy and a pickle derive their own
     for other in (copy.deepcopy(o2), pickle.loads(pickle.dumps(o2))):
         assert all(m._fold_cache == {} for m in other.modules() if hasattr(m, "_fold_cache"))

@@ -319,12 +319,13 @@ measure_1x1 = Setting(
 )
 # NOTE: torch reorders a weight into oneDNN's blocked layout on every call of its convolution (3.0 of 22.3 ms of a
 # densenet121 batch-1 forward); torch's private ops that Inductor's CPU path uses keep it. Eval only: they have no
-# autograd. Forced on for every conv of an -O2 module, batch 1 ran 1.05x on two threads but 0.96x on one (where
-# measure_1x1 keeps torch's GEMM): so it applies only where the chosen kernel is oneDNN's.
+# autograd. Not always faster (forced on every conv, batch 1 on one thread ran slower; packed without the input's
+# shape, one 1x1 conv ran 18x slower): so it is a candidate of the measured kernel choice, timed per key.
 pack_weights = Setting(
     (("packed_weights", True),),
-    "In eval, convolutions that run oneDNN's kernel keep their weight in oneDNN's blocked layout between calls "
-    "(torch reorders it on every call); 3x3 convolutions choose their kernel as 1x1 ones do (with measure_1x1).",
+    "In eval, convolutions may also choose oneDNN's kernel with their weight kept in oneDNN's blocked layout between "
+    "calls (torch reorders it on every call), timed against the others where the model runs; 3x3 convolutions choose "
+    "their kernel as 1x1 ones do (with measure_1x1).",
 )
 channels_last = Setting(
     (("memory_format", "channels_last"),),
