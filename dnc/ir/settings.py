@@ -24,7 +24,7 @@ Conv1x1 = Literal["torch", "measured"]
 class Settings:
     memory_format: MemoryFormat = "contiguous"  # the layout the module runs in (its input converted inside forward)
     conv1x1: Conv1x1 = "torch"
-    # eval convolutions oneDNN runs keep its weight layout between calls; 3x3s choose their kernel too (with conv1x1)
+    # in eval, convs may also take oneDNN's kernel with the weight kept packed (measured); 3x3s choose too (conv1x1)
     packed_weights: bool = False
     batch_tile_bytes: int = 0  # dense blocks and transitions run batch tiles of at most this many bytes; 0: whole
 
