@@ -73,7 +73,7 @@ def test_packed_weights_compute_onednns_convolution_bit_for_bit(rt, kernel, padd
         torch.testing.assert_close(got, F.conv2d(x, w, b, 1, padding))
         plain = x.contiguous()  # another layout, the same numbers
         torch.testing.assert_close(rt._packed(plain, w, b, padding, conv), F.conv2d(plain, w, b, 1, padding))
-    assert rt._PACKING == [True] and list(conv._fold_cache) == ["packed (2, 16, 9, 7)"]  # one layout per input shape
+    assert rt._PACKING == [True] and list(conv._fold_cache) == [("packed", (2, 16, 9, 7))]  # one layout per input shape
 
 
 def test_a_weight_is_packed_once_and_again_when_changed_or_converted(rt, monkeypatch):
@@ -156,7 +156,7 @@ def test_the_module_packs_where_onednn_runs_and_keeps_the_numbers(modules, rt, m
             got = o2(x)
             assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
     convs = [m for m in o2.modules() if type(m).__name__ in ("ConvKxK", "FoldedConv1x1")]
-    packs = [[k for k in m._fold_cache if k.startswith("packed ")] for m in convs]
+    packs = [[k for k in m._fold_cache if k[0] == "packed"] for m in convs]
     assert len(convs) == 5 * 2 + 1 and all(len(k) == 1 for k in packs)  # each layer's two, a transition's
     monkeypatch.setattr(rt, "CONV1X1_POLICY", "measure")  # measured: each 3x3 shape decided apart from the 1x1s
     with torch.no_grad():
