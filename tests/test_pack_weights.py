@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import pickle
+import time
 
 import pytest
 from conftest import compile_levels
@@ -171,3 +172,25 @@ def test_the_module_packs_where_onednn_runs_and_keeps_the_numbers(modules, rt, m
         assert all(m._fold_cache == {} for m in other.modules() if hasattr(m, "_fold_cache"))
         with torch.no_grad():
             assert float((other(x) - want).abs().max() / want.abs().max()) <= 1e-5
+
+
+def test_the_trial_does_not_time_packing(rt, monkeypatch):
+    """The modules that share a key (a block's 3x3 convolutions) each pack on their first packed call; packing is once
+    per weight and shape, not per call, so a trial that timed it measured the packing, and the packed kernel lost."""
+    pack = rt._pack
+
+    def slow(*args):  # busy: on one thread the trial's clock is the thread's CPU time
+        end = time.perf_counter() + 0.05
+        while time.perf_counter() < end:
+            pass
+        return pack(*args)
+
+    monkeypatch.setattr(rt, "_pack", slow)
+    x = channels_last(1, 16, 6, 6)
+    convs = [owner(rt, channels_last(8, 16, 3, 3, seed=s)) for s in range(12)]  # one key, a module per call
+    with torch.no_grad():
+        for conv in convs:
+            torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, None, 1, 1))
+    ((key, times),) = rt._times.items()
+    assert key[1] == x.shape and key[-1] == 1 and len(times) == 3
+    assert times[2] < 0.05  # packed: its time is the convolution's alone
