@@ -194,3 +194,41 @@ def test_the_trial_does_not_time_packing(rt, monkeypatch):
     ((key, times),) = rt._times.items()
     assert key[1] == x.shape and key[-1] == 1 and len(times) == 3
     assert times[2] < 0.05  # packed: its time is the convolution's alone
+
+
+def test_a_checked_call_runs_each_convolutions_kept_call(modules, rt, monkeypatch):
+    """In a call of the DenseNet that found nothing changed, each convolution runs the call it kept for its input shape:
+    no key, no lookup, no dispatch. A change anywhere drops them; a new policy or thread count is not served a stale
+    one."""
+    mods, state = modules
+    o0, o2 = mods[0].DenseNet().eval(), mods[2].DenseNet()
+    o0.load_state_dict(state)
+    o2.load_state_dict(state)
+    x = torch.randn(2, 3, 32, 28, generator=torch.Generator().manual_seed(5))
+    run = rt._run
+    runs = []
+    monkeypatch.setattr(rt, "_run", lambda *args: runs.append(args[0]) or run(*args))
+
+    def close(a, b):
+        return float((a - b).abs().max() / b.abs().max()) <= 1e-5
+
+    with torch.no_grad():
+        want = o0(x)
+        for _ in range(12):  # the trials, then a checked call that keeps each decided call
+            assert close(o2(x), want)
+        runs.clear()
+        assert close(o2(x), want) and runs == []
+        convs = [m for m in o2.modules() if type(m).__name__ in ("ConvKxK", "FoldedConv1x1")]
+        assert all(("call", k[1]) in m._fold_cache for m in convs for k in m._fold_cache if k[0] == "packed")
+        for model in (o0, o2):  # an in-place change: every kept call is dropped, and the new weight runs
+            model.features.denseblock1.denselayer1.conv2.weight.mul_(1.5)
+        want = o0(x)
+        assert close(o2(x), want) and runs != []
+        runs.clear()
+        assert close(o2(x), want) and close(o2(x), want) and runs == []
+        monkeypatch.setattr(rt, "CONV1X1_POLICY", "conv2d")  # pinned by hand: the kept calls are not the policy's
+        conv2d, plain = [], F.conv2d
+        monkeypatch.setattr(F, "conv2d", lambda *args: conv2d.append(1) or plain(*args))
+        assert close(o2(x), want) and len(conv2d) == len(convs) + 1  # and the stem's
+        kept = [v for m in convs for k, v in m._fold_cache.items() if k[0] == "call"]
+        assert kept and all(setting[2] == "conv2d" for _, setting, _ in kept)
