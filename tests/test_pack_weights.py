@@ -231,4 +231,4 @@ def test_a_checked_call_runs_each_convolutions_kept_call(modules, rt, monkeypatc
         monkeypatch.setattr(F, "conv2d", lambda *args: conv2d.append(1) or plain(*args))
         assert close(o2(x), want) and len(conv2d) == len(convs) + 1  # and the stem's
         kept = [v for m in convs for k, v in m._fold_cache.items() if k[0] == "call"]
-        assert kept and all(setting[2] == "conv2d" for _, setting, _ in kept)
+        assert kept and all(setting[3] == "conv2d" for _, setting, _ in kept)
